@@ -1,0 +1,1 @@
+"""RadSynth conditioning package."""

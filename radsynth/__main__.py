@@ -1,0 +1,5 @@
+import sys
+
+from radsynth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""The ``radsynth`` command line: ``radsynth <verb> [options]``.
+
+This is the only place that wires the libraries together (DESIGN.md §2). Each verb lives in
+``radsynth.commands.<verb>`` and is imported only when used, so ``radsynth --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+from typing import Sequence
+
+from radsynth import __version__
+
+#: verb -> module under radsynth.commands
+VERBS: dict[str, str] = {
+    "train": "train",
+    "generate": "generate",
+    "index": "index",
+    "audit": "audit",
+    "export": "export",
+    "phantoms": "phantoms",
+    "demo": "demo",
+}
+
+_SUMMARY = {
+    "train": "train a text-conditioned latent diffusion model on a folder of radiographs with reports",
+    "generate": "sample synthetic images from prompts with a trained model",
+    "index": "build a memorization reference index from training data",
+    "audit": "audit a folder of synthetic images for copies of training images",
+    "export": "convert an image folder to DICOM studies or NIfTI volumes with synthetic headers",
+    "phantoms": "write procedural chest radiograph phantoms with reports (demo/test data)",
+    "demo": "run the whole pipeline on the bundled demo model",
+}
+
+
+def _load(verb: str):
+    return importlib.import_module(f"radsynth.commands.{VERBS[verb]}")
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``verb``'s sub-parser is filled in (others stay cheap)."""
+    parser = argparse.ArgumentParser(
+        prog="radsynth",
+        description="RadSynth: synthetic radiology data with a privacy audit and DICOM/NIfTI export.",
+        epilog="Run 'radsynth <verb> --help' for a verb's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"radsynth {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="<verb>")
+    for name in VERBS:
+        if name == verb:
+            module = _load(name)
+            p = sub.add_parser(
+                name,
+                help=_SUMMARY[name],
+                description=module.HELP,
+                epilog=getattr(module, "EPILOG", None),
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
+        else:
+            sub.add_parser(name, help=_SUMMARY[name], add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``radsynth`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb is not None and verb not in VERBS:
+        close = difflib.get_close_matches(verb, list(VERBS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"radsynth: unknown verb '{verb}'.{hint} Verbs: {', '.join(VERBS)}", file=sys.stderr)
+        return 2
+    parser = build_parser(verb)
+    args = parser.parse_args(argv)
+    if verb is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("radsynth: interrupted; finished files are kept, run again to continue.", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"radsynth {verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
