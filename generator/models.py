@@ -1,0 +1,97 @@
+"""Builders for the two networks and the noise schedulers, from a :class:`TrainConfig`.
+
+The VAE is a single-channel ``diffusers.AutoencoderKL``; the denoiser a
+``diffusers.UNet2DConditionModel`` with cross-attention on text-encoder hidden states.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from generator.config import TrainConfig
+
+#: Sampler names accepted by ``radsynth generate --sampler``.
+SAMPLERS = {
+    "dpm": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddpm": DDPMScheduler,
+}
+
+
+def build_vae(cfg: TrainConfig, resolution: int, channels: int = 1) -> AutoencoderKL:
+    """A fresh VAE mapping ``(B, channels, resolution, resolution)`` images in ``[-1, 1]`` to
+    ``(B, cfg.latent_channels, cfg.latent_size, cfg.latent_size)`` latents."""
+    blocks = cfg.vae_block_channels(resolution)
+    return AutoencoderKL(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        block_out_channels=blocks,
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=min(cfg.norm_groups, blocks[0]),
+        sample_size=resolution,
+        mid_block_add_attention=cfg.preset == "base",
+    )
+
+
+def build_unet(cfg: TrainConfig, cross_attention_dim: int) -> UNet2DConditionModel:
+    """A fresh denoiser over ``(B, latent_channels, latent_size, latent_size)`` latents,
+    cross-attending to ``(B, L, cross_attention_dim)`` text hidden states."""
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_attention))
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=cfg.unet_heads,
+        norm_num_groups=cfg.norm_groups,
+    )
+
+
+def build_noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:
+    """The training noise schedule (1000 steps, scaled-linear betas as in Stable Diffusion)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
+
+
+def make_sampler(name: str, base: SchedulerMixin) -> SchedulerMixin:
+    """A sampling scheduler of kind ``name`` sharing ``base``'s noise schedule.
+
+    Raises:
+        ValueError: unknown sampler name, with a "did you mean".
+    """
+    if name not in SAMPLERS:
+        close = difflib.get_close_matches(name, list(SAMPLERS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}{hint}")
+    cls = SAMPLERS[name]
+    extra = {}
+    if name == "dpm":
+        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    elif name == "ddim":
+        extra = {"clip_sample": False, "set_alpha_to_one": False}
+    return cls.from_config(base.config, **extra)
