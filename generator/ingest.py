@@ -1,7 +1,9 @@
 """Read a folder of real radiology images with their report text (DESIGN.md §3.1).
 
-CONTRACT STUB: the public names below are the contract other modules code against; the reading
-itself is being implemented. Do not change the public signatures without telling the maintainer.
+Three kinds of input are accepted (see :func:`load_dataset`): a Hugging Face ``imagefolder``
+(images plus ``metadata.jsonl``/``metadata.csv``), a DICOM folder without metadata (text from a
+reports CSV or from header fields), and a MedMNIST-style ``.npz``. The per-format pixel readers and
+their intensity conventions live in :mod:`generator.readers`.
 
 Pixel convention everywhere in RadSynth: a 2D image is a ``float32`` array of shape ``(H, W)`` with
 values in ``[0, 1]``, 0 meaning black (MONOCHROME2: low attenuation is dark), rows top to bottom,
@@ -11,11 +13,20 @@ radiograph). ``IntensityMapping`` says how that range maps back to stored or phy
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 #: Attribute columns that RadSynth understands (DESIGN.md §3.1); other columns are kept in ``extra``.
 ATTRIBUTE_KEYS = ("patient_id", "modality", "view", "sex", "age", "findings", "label")
@@ -29,11 +40,17 @@ class IntensityMapping:
 
     Attributes:
         kind: How the source was read: ``"png8"``, ``"png16"``, ``"jpeg"``, ``"dicom_voi"``,
-            ``"ct_window"``, ``"nifti"``, ``"npz_uint8"``.
+            ``"ct_window"``, ``"nifti"``, ``"npz_uint8"``; also ``"dicom_minmax"`` (no window:
+            the image's own range), ``"dicom_voi_lut"`` (non-linear VOI LUT, approximate),
+            ``"dicom_rgb"``, ``"npz_uint16"``, ``"npz_float"``; ``"_inverted"`` appended for
+            MONOCHROME1 DICOM.
         low: Physical value shown as black (e.g. -160 HU for a CT window 40/400, or 0 for 8-bit).
+            Readers always give ``low < high``; for a MONOCHROME1 source (kind ending
+            ``"_inverted"``) they describe the MONOCHROME2 picture, see :mod:`generator.readers`.
         high: Physical value shown as white (e.g. 240 HU, or 255 for 8-bit).
         unit: Physical unit of ``low``/``high`` (``"HU"`` for CT, ``""`` for unitless grey levels).
-        bits_stored: Bit depth of the source pixels (8 or 16 for PNG; BitsStored for DICOM).
+        bits_stored: Bit depth of the source pixels (8 or 16 for PNG; BitsStored for DICOM; 8 or
+            16 for NIfTI and ``.npz``, 16 standing for any wider or floating-point type).
         modality: DICOM modality of the source (``"DX"``, ``"CR"``, ``"CT"``, ``"MR"``, ``"OT"``).
     """
 
@@ -119,6 +136,8 @@ class IngestResult:
         skipped: Unusable files with reasons.
         intensity: The dataset-level mapping (the most common one among records).
         source: ``"imagefolder"``, ``"dicom_folder"`` or ``"npz"``.
+        ignored: Image files present under ``root`` but not listed in any metadata file.
+        summary: The one-line summary ("read N images from F files, skipped K (...)").
     """
 
     root: Path
@@ -126,6 +145,8 @@ class IngestResult:
     skipped: list[SkippedFile]
     intensity: IntensityMapping
     source: str
+    ignored: int = 0
+    summary: str = ""
 
     def stack(self) -> np.ndarray:
         """All images as one ``(N, H, W)`` float32 array in ``[0, 1]``.
@@ -133,12 +154,41 @@ class IngestResult:
         Raises:
             ValueError: if the records have different shapes (load with ``resolution``).
         """
-        raise NotImplementedError
+        if not self.records:
+            return np.zeros((0, 0, 0), dtype=np.float32)
+        shapes = Counter(r.image.shape for r in self.records)
+        if len(shapes) > 1:
+            listed = ", ".join(f"{s} x{n}" for s, n in shapes.most_common(5))
+            raise ValueError(
+                f"records have {len(shapes)} different image shapes ({listed}); "
+                "load the dataset with resolution=R to resize them to R x R"
+            )
+        return np.stack([np.asarray(r.image, dtype=np.float32) for r in self.records])
 
     def fingerprint(self) -> str:
         """SHA-256 hex digest over file names, texts and pixel bytes: identifies the training data
-        without containing it."""
-        raise NotImplementedError
+        without containing it.
+
+        Each record contributes its file name, text, image shape and float32 little-endian pixel
+        bytes, each length-prefixed, in record order; the digest is stable across runs and
+        platforms for the same files and ``load_dataset`` arguments.
+        """
+        h = hashlib.sha256(b"radsynth-ingest-v1")
+        for r in self.records:
+            pixels = np.ascontiguousarray(r.image, dtype="<f4")
+            for part in (r.file_name.encode("utf-8"), r.text.encode("utf-8"),
+                         repr(tuple(pixels.shape)).encode("ascii"), pixels.tobytes()):
+                h.update(len(part).to_bytes(8, "little"))
+                h.update(part)
+        return h.hexdigest()
+
+
+#: Metadata file names of the imagefolder convention, in order of preference.
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+#: DICOM modalities that carry pixel data but are not images to learn from (DICOM folder mode).
+_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG", "SR", "PR", "KO"})
+#: File name endings counted as images when reporting files not listed in metadata.
+_IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 
 
 def load_dataset(
@@ -154,6 +204,35 @@ def load_dataset(
 ) -> IngestResult:
     """Read a training folder (imagefolder, DICOM folder or MedMNIST ``.npz``).
 
+    Input kinds, tried in this order:
+
+    - ``path`` is an ``.npz`` file: MedMNIST layout, ``{split}_images`` ``(N, H, W)`` (or
+      ``(N, H, W, 3)``, converted to luma) and ``{split}_labels`` ``(N,)``/``(N, 1)``; records are
+      named ``"name.npz#train/17"``, their text is ``label_text[label]`` and attribute ``label``.
+    - ``path`` holds ``metadata.jsonl``/``metadata.csv`` (at the root or in subfolders, each
+      covering ``file_name`` paths relative to its own folder): the Hugging Face ``imagefolder``
+      convention. Columns in ``ATTRIBUTE_KEYS`` go to ``record.attributes`` (JSON values as-is;
+      CSV strings converted: ``age``/``label`` to int when numeric, ``findings`` parsed when it is a
+      JSON list/object, empty cells dropped); other columns go to ``record.extra`` verbatim. A
+      ``file_name`` naming a 3D NIfTI or multi-frame DICOM yields one record per slice/frame (all
+      with the row's text); ``"vol.nii.gz#z=12"`` or ``"cine.dcm#frame=3"`` selects one.
+      Image files present but not listed are ignored and counted in the summary.
+    - Otherwise a folder of DICOM files (``*.dcm`` or files with the DICM marker): text from
+      ``reports_csv`` (keyed by ``StudyInstanceUID`` or else ``AccessionNumber``; a file whose
+      study has no report is skipped), else a short caption from header fields; attributes
+      ``patient_id`` (PatientID), ``modality``, ``view`` (ViewPosition), ``sex``, ``age`` (years)
+      from the header, overridden by report columns of the same name.
+
+    Pixels become ``float32`` in ``[0, 1]`` with an :class:`IntensityMapping` per record (see
+    :mod:`generator.readers` for each format's convention: bit depth for PNG/JPEG, modality LUT then
+    VOI window or ``ct_window`` for DICOM, MONOCHROME1 inverted; canonical RAS+ reorientation and
+    radiological display for NIfTI). The dataset-level mapping is the most common one. Records are
+    sorted by ``file_name`` with digit runs compared as numbers (``#z=2`` before ``#z=10``).
+
+    An unreadable file is logged with its path and reason, skipped and counted; a summary line
+    ("read N images from F files, skipped K (...)") is logged and, with ``progress``, printed to
+    stderr.
+
     Args:
         path: Folder with ``metadata.jsonl``/``metadata.csv``, a DICOM folder without metadata, or
             an ``.npz`` file with ``{split}_images`` and ``{split}_labels``.
@@ -164,12 +243,455 @@ def load_dataset(
         reports_csv: For a DICOM folder without metadata: CSV with ``text`` and a
             ``StudyInstanceUID`` or ``AccessionNumber`` column.
         ct_window: (centre, width) in HU used for CT without a VOI window.
-        nifti_axis: Axis along which 3D NIfTI volumes are sliced into 2D images.
-        progress: Show a progress bar.
+        nifti_axis: Axis along which 3D NIfTI volumes are sliced into 2D images (after
+            reorientation to RAS+: 0 sagittal, 1 coronal, 2 axial).
+        progress: Show a progress bar and print the summary line.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` (or ``reports_csv``) does not exist.
         ValueError: metadata without a ``text`` column (naming the file), no usable image left
             (with the skip summary), bad arguments.
     """
-    raise NotImplementedError
+    from generator import readers
+
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or resolution < 1):
+        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+    if nifti_axis not in (0, 1, 2):
+        raise ValueError(f"nifti_axis must be 0, 1 or 2, got {nifti_axis!r}")
+    if len(ct_window) != 2 or not float(ct_window[1]) > 0:
+        raise ValueError(f"ct_window must be (centre, width) with width > 0, got {ct_window!r}")
+    ct = (float(ct_window[0]), float(ct_window[1]))
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data path not found: {root}")
+    state = _State(resolution=resolution, readers=readers)
+
+    if root.is_file():
+        if not root.name.lower().endswith(".npz"):
+            raise ValueError(f"path must be a data folder or an .npz file, got the file {root}")
+        if reports_csv is not None:
+            raise ValueError(f"reports_csv is only used for a DICOM folder, got {reports_csv!r} with {root}")
+        source = "npz"
+        _load_npz(root, label_text, npz_split, state)
+    else:
+        if label_text is not None:
+            raise ValueError(f"label_text is only used for .npz input, but {root} is a folder")
+        metas = _find_metadata(root)
+        if metas:
+            if reports_csv is not None:
+                raise ValueError(
+                    f"reports_csv={str(reports_csv)!r} is only used for a DICOM folder without "
+                    f"metadata, but {root} has {metas[0].relative_to(root).as_posix()}"
+                )
+            source = "imagefolder"
+            _load_imagefolder(root, metas, ct, nifti_axis, progress, state)
+        else:
+            dicoms = [p for p in _walk(root) if readers.is_dicom_file(p)]
+            if not dicoms:
+                n_img = sum(1 for p in _walk(root) if p.name.lower().endswith(_IMAGE_ENDINGS))
+                if n_img:
+                    raise ValueError(
+                        f"no metadata.jsonl or metadata.csv in {root} ({n_img} image files found): "
+                        "write one with 'file_name' and 'text' columns (Hugging Face imagefolder)"
+                    )
+                raise ValueError(f"empty dataset: no images and no metadata found in {root}")
+            source = "dicom_folder"
+            _load_dicom_folder(root, dicoms, reports_csv, ct, progress, state)
+
+    records = sorted(state.records, key=lambda r: readers.natural_key(r.file_name))
+    summary = state.summary(source)
+    logger.info("ingest %s: %s", root, summary)
+    if progress:
+        print(f"radsynth ingest: {summary}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"no usable image in {root}: {summary}")
+    counts = Counter(r.intensity for r in records)
+    intensity = counts.most_common(1)[0][0]
+    if len(counts) > 1:
+        logger.info("%d different intensity mappings; dataset-level mapping %s is used by %d of %d "
+                    "records", len(counts), intensity.to_dict(), counts[intensity], len(records))
+    return IngestResult(root=root, records=records, skipped=state.skipped, intensity=intensity,
+                        source=source, ignored=state.ignored, summary=summary)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@dataclass
+class _State:
+    """Records, skips and counters collected while reading."""
+
+    resolution: int | None
+    readers: Any
+    records: list[ImageRecord] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    files_read: int = 0
+    ignored: int = 0
+
+    def skip(self, path: str, reason: str) -> None:
+        logger.warning("skipped %s: %s", path, reason)
+        self.skipped.append(SkippedFile(path=path, reason=reason))
+
+    def add(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
+            intensity: IntensityMapping, extra: dict[str, Any]) -> None:
+        if self.resolution is not None:
+            image = self.readers.area_resize(image, self.resolution)
+        self.records.append(ImageRecord(file_name=file_name, text=text,
+                                        image=np.asarray(image, dtype=np.float32),
+                                        attributes=attributes, intensity=intensity, extra=extra))
+
+    def summary(self, source: str) -> str:
+        n, k = len(self.records), len(self.skipped)
+        unit = "file" if self.files_read == 1 else "files"
+        line = f"read {n} image{'s' if n != 1 else ''} from {self.files_read} {unit} ({source}), skipped {k}"
+        if k:
+            cats = Counter(s.reason.split(":", 1)[0] for s in self.skipped)
+            line += " (" + ", ".join(f"{c} {cat}" for cat, c in cats.most_common()) + ")"
+        if self.ignored:
+            plural = "s" if self.ignored != 1 else ""
+            line += f"; ignored {self.ignored} image file{plural} not listed in metadata"
+        return line
+
+
+def _walk(root: Path) -> list[Path]:
+    """All files under ``root`` (recursively, hidden entries skipped), sorted."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _find_metadata(root: Path) -> list[Path]:
+    """Metadata files under ``root`` (one per folder; ``.jsonl`` and ``.csv`` together is an error)."""
+    found: list[Path] = []
+    for p in _walk(root):
+        if p.name in METADATA_NAMES:
+            found.append(p)
+    by_dir: dict[Path, list[Path]] = {}
+    for p in found:
+        by_dir.setdefault(p.parent, []).append(p)
+    for d, ps in by_dir.items():
+        if len(ps) > 1:
+            raise ValueError(f"{d} has both {' and '.join(p.name for p in ps)}; keep only one metadata file")
+    return found
+
+
+def _read_metadata(meta: Path) -> list[dict[str, Any]]:
+    """Rows of a metadata file (``file_name`` and ``text`` columns required).
+
+    Raises:
+        ValueError: malformed file, or a missing ``file_name``/``text`` column (naming the file and
+            the columns found).
+    """
+    rows: list[dict[str, Any]] = []
+    if meta.suffix == ".jsonl":
+        with open(meta, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{meta}: line {i} is not valid JSON ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
+                rows.append(row)
+        if not rows:
+            return rows  # an empty JSON Lines file has no columns to check: an empty dataset
+        columns: list[str] = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    else:
+        with open(meta, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            for row in reader:
+                rows.append({(k or "").strip(): v for k, v in row.items() if k is not None})
+    missing = [c for c in ("file_name", "text") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{meta}: metadata needs the columns 'file_name' and 'text' (missing {missing}); "
+            f"columns found: {columns}"
+        )
+    return rows
+
+
+def _convert_csv(key: str, value: Any) -> Any:
+    """CSV cell -> attribute value (``None`` for an empty cell)."""
+    if value is None:
+        return None
+    v = str(value).strip()
+    if v == "":
+        return None
+    if key in ("age", "label"):
+        try:
+            f = float(v)
+            if f.is_integer():
+                return int(f)
+            return f
+        except ValueError:
+            if key == "age":
+                from generator.readers import _age
+
+                years = _age(v)
+                return v if years is None else years
+            return v
+    if key == "findings" and v[:1] in ("[", "{"):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def _split_row(row: Mapping[str, Any], from_csv: bool,
+               skip_keys: Iterable[str] = ("file_name", "text")) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a metadata row into (attributes, extra)."""
+    attributes: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    skip = set(skip_keys)
+    for k, v in row.items():
+        if k in skip:
+            continue
+        if k in ATTRIBUTE_KEYS:
+            v = _convert_csv(k, v) if from_csv else v
+            if v is not None:
+                attributes[k] = v
+        else:
+            extra[k] = v
+    return attributes, extra
+
+
+def _split_fragment(file_name: str) -> tuple[str, str | None]:
+    """``"vol.nii.gz#z=12"`` -> (``"vol.nii.gz"``, ``"z=12"``); no fragment -> (name, None)."""
+    if "#" in file_name:
+        base, frag = file_name.rsplit("#", 1)
+        if "=" in frag:
+            return base, frag
+    return file_name, None
+
+
+def _read_any(readers: Any, path: Path, modality: str, ct: tuple[float, float], axis: int
+              ) -> tuple[list[Any], Any]:
+    """Dispatch on format; returns (frames, DICOM header or None). Raises ``UnreadableFile``."""
+    fmt = readers.sniff(path)
+    if fmt in ("png", "jpeg"):
+        return readers.read_raster(path, fmt, modality), None
+    if fmt == "dicom":
+        return readers.read_dicom(path, ct, default_modality=modality)
+    if fmt == "nifti":
+        return readers.read_nifti(path, axis, modality, ct), None
+    raise readers.UnreadableFile("unsupported file type (expected PNG, JPEG, DICOM or NIfTI)")
+
+
+def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], nifti_axis: int,
+                      progress: bool, state: _State) -> None:
+    """Read an imagefolder: rows of every metadata file, grouped by image file."""
+    from tqdm.auto import tqdm
+
+    readers = state.readers
+    root_abs = root.resolve()
+    # image file (relative POSIX path) -> list of (fragment, row, from_csv, metadata name)
+    groups: dict[str, list[tuple[str | None, dict[str, Any], bool, str]]] = {}
+    for meta in metas:
+        from_csv = meta.suffix == ".csv"
+        meta_rel = meta.relative_to(root).as_posix()
+        for row in _read_metadata(meta):
+            name = row.get("file_name")
+            if not isinstance(name, str) or not name.strip():
+                state.skip(meta_rel, f"bad metadata row: file_name {name!r} is not a path")
+                continue
+            base, frag = _split_fragment(name.strip())
+            target = os.path.normpath(meta.parent.resolve() / base)
+            rel = os.path.relpath(target, root_abs)
+            if rel.startswith(".."):
+                state.skip(name, f"bad metadata row: {name!r} in {meta_rel} points outside {root}")
+                continue
+            groups.setdefault(Path(rel).as_posix(), []).append((frag, row, from_csv, meta_rel))
+
+    listed = set(groups)
+    state.ignored = sum(
+        1 for p in _walk(root)
+        if p.name.lower().endswith(_IMAGE_ENDINGS) and p.relative_to(root).as_posix() not in listed
+    )
+
+    for rel in tqdm(sorted(groups, key=readers.natural_key), desc="reading images", unit="file",
+                    disable=not progress):
+        rows = groups[rel]
+        file_path = root / rel
+        if not file_path.is_file():
+            state.skip(rel, f"missing file: listed in {rows[0][3]} but not found")
+            continue
+        cache: dict[int, list[Any]] = {}
+        failed = False
+        state.files_read += 1
+        for frag, row, from_csv, meta_rel in rows:
+            text = row.get("text")
+            if text is None:
+                state.skip(rel, f"no text: the {meta_rel} row for {rel} has no 'text'")
+                continue
+            attributes, extra = _split_row(row, from_csv)
+            hint = str(attributes.get("modality") or "OT").upper()
+            axis = nifti_axis
+            if frag is not None and frag[:2] in ("x=", "y=", "z="):
+                axis = readers.AXIS_LETTERS.index(frag[0])
+            if axis not in cache:
+                try:
+                    cache[axis], _ = _read_any(readers, file_path, hint, ct, axis)
+                except readers.UnreadableFile as exc:
+                    state.skip(rel, f"unreadable {readers.sniff(file_path)} file: {exc}")
+                    failed = True
+                    break
+                except Exception as exc:  # noqa: BLE001 - report, skip, go on
+                    state.skip(rel, f"unreadable {readers.sniff(file_path)} file: "
+                                    f"{type(exc).__name__}: {exc}")
+                    failed = True
+                    break
+            frames = cache[axis]
+            if frag is not None:
+                frames = [f for f in frames if f.suffix == "#" + frag]
+                if not frames:
+                    state.skip(f"{rel}#{frag}", f"no such slice/frame: {rel} has no #{frag}")
+                    continue
+            for fr in frames:
+                intensity = fr.intensity
+                if intensity.modality == "OT" and hint != "OT":
+                    intensity = replace(intensity, modality=hint)
+                state.add(rel + fr.suffix, str(text), fr.image, dict(attributes), intensity, dict(extra))
+        if failed:
+            state.files_read -= 1
+
+
+def _read_reports(reports_csv: str | Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Reports CSV -> (key column, {key: row}).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no ``text`` column or no ``StudyInstanceUID``/``AccessionNumber`` column.
+    """
+    p = Path(reports_csv)
+    if not p.is_file():
+        raise FileNotFoundError(f"reports_csv not found: {p}")
+    with open(p, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): v for k, v in r.items() if k is not None} for r in reader]
+    key = next((c for c in ("StudyInstanceUID", "AccessionNumber") if c in columns), None)
+    if "text" not in columns or key is None:
+        raise ValueError(
+            f"{p}: a reports CSV needs a 'text' column and a 'StudyInstanceUID' or 'AccessionNumber' "
+            f"column; columns found: {columns}"
+        )
+    table: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        k = (r.get(key) or "").strip()
+        if k:
+            if k in table:
+                logger.warning("%s: several reports for %s %s; using the first", p, key, k)
+                continue
+            table[k] = r
+    return key, table
+
+
+def _load_dicom_folder(root: Path, files: list[Path], reports_csv: str | Path | None,
+                       ct: tuple[float, float], progress: bool, state: _State) -> None:
+    """Read a folder of DICOM files without metadata."""
+    from tqdm.auto import tqdm
+
+    readers = state.readers
+    key, reports = _read_reports(reports_csv) if reports_csv is not None else (None, None)
+    dicom_set = set(files)
+    state.ignored = sum(1 for p in _walk(root) if p.name.lower().endswith(_IMAGE_ENDINGS)
+                        and p not in dicom_set)
+    for path in tqdm(files, desc="reading DICOM", unit="file", disable=not progress):
+        rel = path.relative_to(root).as_posix()
+        try:
+            frames, header = readers.read_dicom(path, ct)
+        except readers.UnreadableFile as exc:
+            state.skip(rel, f"unreadable dicom file: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - report, skip, go on
+            state.skip(rel, f"unreadable dicom file: {type(exc).__name__}: {exc}")
+            continue
+        if header.modality in _NON_IMAGE_MODALITIES:
+            state.skip(rel, f"not an image: DICOM modality {header.modality} "
+                            "(list it in a metadata file to use it anyway)")
+            continue
+        attributes = header.attributes()
+        extra: dict[str, Any] = {}
+        if reports is not None:
+            value = header.study_uid if key == "StudyInstanceUID" else header.accession
+            row = reports.get(value or "")
+            if row is None:
+                state.skip(rel, f"no report: {key} {value!r} is not in {Path(reports_csv).name}")
+                continue
+            text = str(row.get("text") or "")
+            more, extra = _split_row(row, from_csv=True)
+            attributes.update(more)
+        else:
+            text = header.text()
+        state.files_read += 1
+        for fr in frames:
+            state.add(rel + fr.suffix, text, fr.image, dict(attributes), fr.intensity, dict(extra))
+
+
+def _load_npz(path: Path, label_text: Mapping[int, str] | None, split: str, state: _State) -> None:
+    """Read a MedMNIST-style ``.npz`` split."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        names = list(z.files)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    ik, lk = f"{split}_images", f"{split}_labels"
+    splits = sorted({n.rsplit("_", 1)[0] for n in names if n.endswith(("_images", "_labels"))})
+    if ik not in names or lk not in names:
+        raise ValueError(
+            f"{path}: npz_split={split!r} needs arrays {ik!r} and {lk!r}; arrays found: {names} "
+            f"(splits: {splits})"
+        )
+    images, labels = np.asarray(z[ik]), np.asarray(z[lk])
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"{path}: {lk} must have shape (N,) or (N, 1) matching {ik} {images.shape}, got "
+            f"{labels.shape} (multi-label arrays are not supported)"
+        )
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        images = images[..., 0] if images.shape[-1] == 1 else (
+            images[..., 0] * 0.299 + images[..., 1] * 0.587 + images[..., 2] * 0.114
+        ).astype(images.dtype if images.dtype.kind == "f" else np.float64)
+    if images.ndim != 3:
+        raise ValueError(f"{path}: {ik} must have shape (N, H, W) or (N, H, W, 3), got {images.shape}")
+    uniq = sorted(int(v) for v in np.unique(labels))
+    if label_text is None:
+        raise ValueError(
+            f"label_text is required for .npz input {path}: map each label {uniq} to a prompt text"
+        )
+    texts: dict[int, str] = {}
+    for k, v in label_text.items():
+        try:
+            texts[int(k)] = str(v)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"label_text keys must be integer labels, got {k!r}") from exc
+    missing = [u for u in uniq if u not in texts]
+    if missing:
+        raise ValueError(
+            f"label_text has no text for labels {missing} found in {path} ({lk}); given: {sorted(texts)}"
+        )
+    dtype = z[ik].dtype
+    if dtype == np.uint8:
+        mapping, scale = IntensityMapping("npz_uint8", 0.0, 255.0, "", 8, "OT"), 255.0
+    elif dtype == np.uint16:
+        mapping, scale = IntensityMapping("npz_uint16", 0.0, 65535.0, "", 16, "OT"), 65535.0
+    elif dtype.kind == "f" and images.size and 0.0 <= float(images.min()) and float(images.max()) <= 1.0:
+        mapping, scale = IntensityMapping("npz_float", 0.0, 1.0, "", 16, "OT"), 1.0
+    else:
+        raise ValueError(f"{path}: {ik} must be uint8, uint16 or float in [0, 1], got {dtype}")
+    state.files_read = 1
+    for i in range(images.shape[0]):
+        label = int(labels[i])
+        state.add(f"{path.name}#{split}/{i}", texts[label],
+                  (images[i].astype(np.float64) / scale).astype(np.float32),
+                  {"label": label}, mapping, {})
