@@ -180,7 +180,7 @@ def load_pipeline(
         tokenizer, text_encoder = load_text_encoder(packaged)
         kwargs.update(tokenizer=tokenizer, text_encoder=text_encoder)
     pipe = RadSynthPipeline.from_pretrained(
-        str(info.path), torch_dtype=torch.float16 if half else torch.float32, **kwargs
+        str(info.path), dtype=torch.float16 if half else torch.float32, **kwargs
     )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
