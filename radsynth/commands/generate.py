@@ -189,23 +189,30 @@ def _privacy_gate(index_dir: str | None, resolution: int):
 
 
 def _export_hook(args: argparse.Namespace, info: Any, output: Path):
+    """Exporters called as images are made; they own ``output/dicom`` and ``output/nifti``.
+
+    They may overwrite: the output folder belongs to this run (checked by ``prepare_output``), and
+    an image whose manifest line was not written before an interruption is made and exported again.
+    """
     formats = set(args.format or ["png"]) - {"png"}
     if not formats:
         return None
-    from radsynth.commands.export import make_exporters
+    from exporters import DicomExporter, NiftiExporter
 
-    exporters = make_exporters(
-        formats, output, modality=args.modality or info.modality,
-        images_per_study=args.images_per_study, overwrite=args.overwrite,
-    )
+    from radsynth import __version__
+
+    modality = (args.modality or info.modality or "DX").upper()
+    common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
+              "intensity": info.intensity}
+    exporters: dict[str, Any] = {}
+    if "dicom" in formats:
+        exporters["dicom_file"] = DicomExporter(output / "dicom", modality,
+                                                images_per_study=args.images_per_study, **common)
+    if "nifti" in formats:
+        exporters["nifti_file"] = NiftiExporter(output / "nifti", modality, **common)
 
     def hook(image, line):
-        fields: dict[str, Any] = {}
-        for key, exporter in exporters.items():
-            paths = exporter.add(image, line)
-            fields[f"{key}_file"] = [str(Path(p).relative_to(output)) for p in paths] if len(paths) != 1 \
-                else str(Path(paths[0]).relative_to(output))
-        return fields
+        return {key: exp.add(image, line)[0].relative_to(output).as_posix() for key, exp in exporters.items()}
 
     return hook
 
