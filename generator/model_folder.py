@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, load_text_encoder
+from generator.devices import best_device
 from generator.pipeline import RadSynthPipeline
 
 RADSYNTH_JSON = "radsynth.json"
@@ -186,11 +187,3 @@ def load_pipeline(
     pipe.to(device)
     return pipe, info
 
-
-def best_device() -> str:
-    """``"cuda"`` if available, else ``"mps"`` if available, else ``"cpu"``."""
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"

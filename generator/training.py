@@ -39,6 +39,7 @@ from conditioning.text_encoder import (
     resolve_text_encoder,
 )
 from generator.config import TrainConfig
+from generator.devices import cpu_only
 from generator.ingest import IngestResult
 from generator.model_folder import save_model_folder
 from generator.models import build_noise_scheduler, build_unet, build_vae, make_sampler
@@ -178,6 +179,8 @@ class Trainer:
         keep_checkpoints: Keep ``output/checkpoints`` after the model is written.
         link_packaged_text_encoder: With the default encoder, leave it out of the model folder and
             name its package in ``radsynth.json`` instead (the bundled demo model does this).
+        save_dtype: dtype of the saved VAE and UNet weights (``torch.float16`` halves the folder;
+            loading casts back to the requested dtype).
         progress: Show progress bars.
         step_hook: Called after each step as ``hook(stage, step)``.
     """
@@ -198,6 +201,7 @@ class Trainer:
         resume: bool = False,
         keep_checkpoints: bool = False,
         link_packaged_text_encoder: bool = False,
+        save_dtype: torch.dtype = torch.float32,
         progress: bool = True,
         step_hook: StepHook | None = None,
     ) -> None:
@@ -218,8 +222,11 @@ class Trainer:
         self.resume, self.keep_checkpoints, self.progress = resume, keep_checkpoints, progress
         self.step_hook = step_hook
         self.link_packaged_text_encoder = link_packaged_text_encoder
+        self.save_dtype = save_dtype
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps
+            mixed_precision=mixed_precision,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            cpu=cpu_only(),
         )
         self.result = TrainResult(output=self.output)
 
@@ -329,7 +336,7 @@ class Trainer:
         self.log.start("vae", plan.total if plan.total < 10**7 else None, step)
         t0, s0 = time.monotonic(), step
         while step < plan.total:
-            if plan.deadline is not None and time.monotonic() >= plan.deadline:
+            if plan.deadline is not None and step > s0 and time.monotonic() >= plan.deadline:
                 self._say(f"VAE stage reached its time budget at step {step}")
                 break
             g = _step_generator(self.seed, "vae", step, acc.process_index)
@@ -360,6 +367,8 @@ class Trainer:
             means = torch.cat([model.encode(pixels[i : i + 64].to(acc.device)).latent_dist.mean.cpu()
                                for i in range(0, n, 64)])
         model.register_to_config(scaling_factor=float(1.0 / means.std().clamp_min(1e-6)))
+        # Forget the VAE's prepared objects so that UNet checkpoints hold the UNet stage only.
+        acc.free_memory()
         if self._main:
             model.save_pretrained(final, safe_serialization=True)
             (final / "radsynth_step.json").write_text(
@@ -408,7 +417,7 @@ class Trainer:
         self.log.start("unet", plan.total if plan.total < 10**7 else None, step)
         t0, s0 = time.monotonic(), step
         while step < plan.total:
-            if plan.deadline is not None and time.monotonic() >= plan.deadline:
+            if plan.deadline is not None and step > s0 and time.monotonic() >= plan.deadline:
                 self._say(f"UNet stage reached the time budget at step {step}")
                 break
             g = _step_generator(self.seed, "unet", step, acc.process_index)
@@ -506,6 +515,8 @@ class Trainer:
     # ------------------------------------------------------------------ save
     def _save(self, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: Any, tokenizer: Any) -> None:
         sampler = make_sampler("dpm", self._noise_sched)
+        if self.save_dtype != torch.float32:
+            vae, unet = vae.to(self.save_dtype), unet.to(self.save_dtype)
         pipe = RadSynthPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                 scheduler=sampler)
         info = self.model_info()

@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``radsynth generate``."""
     from accelerate import PartialState
 
+    from generator.devices import cpu_only
+
     from generator.generation import (
         generate_to_folder,
         make_requests,
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     rows = None if args.from_manifest else _prompt_rows(args)
     model_path = resolve_model(args.model)
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
     pipe, info = load_pipeline(model_path, device=device)
     pipe.scheduler = make_sampler(args.sampler, pipe.scheduler)
@@ -157,12 +159,18 @@ def run(args: argparse.Namespace) -> int:
         autocast_bf16=args.bf16, progress=not args.quiet and state.is_main_process,
     )
     state.wait_for_everyone()
+    parts = [summary]
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([summary])
     if state.is_main_process:
         sort_manifest(output)
+        total = {k: sum(getattr(p, k) for p in parts) for k in ("written", "skipped_done", "resampled", "rejected")}
         print(
-            f"{summary.written} images written, {summary.skipped_done} already done, "
-            f"{summary.resampled} resampled by the privacy gate, {summary.rejected} dropped "
-            f"(process {state.process_index} of {state.num_processes}) -> {output}"
+            f"{total['written']} images written, {total['skipped_done']} already done, "
+            f"{total['resampled']} resampled by the privacy gate, {total['rejected']} dropped after "
+            f"{args.max_resample} attempts ({state.num_processes} process(es)) -> {output}"
         )
         if args.grid:
             _write_grid(output, Path(args.grid))

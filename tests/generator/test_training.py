@@ -1,0 +1,112 @@
+"""Two-stage training: outputs, determinism, resume, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.config import TrainConfig, get_preset
+from generator.ingest import load_dataset
+from generator.training import Trainer
+
+
+def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    return load_file(next((folder / part).glob("*.safetensors")))
+
+
+def _train(data_dir, out, enc, **kw):
+    data = load_dataset(data_dir, resolution=16, progress=False)
+    kw.setdefault("max_steps", 6)
+    return Trainer(data, out, get_preset("tiny", checkpoint_every=2), resolution=16,
+                   text_encoder=str(enc), seed=0, progress=False, **kw).run()
+
+
+def test_model_folder_layout(tiny_model: Path):
+    for part in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (tiny_model / part).is_dir(), part
+    assert list((tiny_model / "unet").glob("*.safetensors"))
+    assert not list(tiny_model.rglob("*.bin")) and not list(tiny_model.rglob("*.pt"))
+    info = json.loads((tiny_model / "radsynth.json").read_text())
+    assert info["resolution"] == 16 and info["channels"] == 1
+    assert info["intensity"]["kind"] == "png8"
+    assert info["data"]["num_images"] == 24 and len(info["data"]["fingerprint"]) == 64
+    assert info["training"]["steps"] == {"vae": 6, "unet": 6}
+    assert TrainConfig.from_dict(info["train_config"]) == get_preset("tiny")
+    assert "No training image" in (tiny_model / "README.md").read_text()
+    assert not (tiny_model / "checkpoints").exists()
+    vae_cfg = json.loads((tiny_model / "vae" / "config.json").read_text())
+    assert vae_cfg["in_channels"] == 1 and vae_cfg["scaling_factor"] != 0.18215
+    rows = list(csv.DictReader(open(tiny_model / "train_log.csv")))
+    assert {r["stage"] for r in rows} == {"vae", "unet"}
+    assert all(float(r["steps_per_s"]) > 0 for r in rows)
+
+
+def test_no_training_pixels_in_model_folder(tiny_model: Path, square_data: Path):
+    raw = (square_data / "img001.png").read_bytes()
+    for f in tiny_model.rglob("*"):
+        if f.is_file():
+            assert raw[-200:] not in f.read_bytes()
+
+
+def test_same_seed_same_weights(tmp_path, square_data, tiny_text_encoder):
+    _train(square_data, tmp_path / "a", tiny_text_encoder, max_steps=3)
+    _train(square_data, tmp_path / "b", tiny_text_encoder, max_steps=3)
+    wa, wb = _weights(tmp_path / "a", "unet"), _weights(tmp_path / "b", "unet")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("stop_at", [("vae", 3), ("unet", 3)])
+def test_resume_matches_uninterrupted(tmp_path, square_data, tiny_text_encoder, stop_at):
+    _train(square_data, tmp_path / "full", tiny_text_encoder)
+
+    def interrupt(stage, step):
+        if (stage, step) == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(square_data, tmp_path / "cut", tiny_text_encoder, step_hook=interrupt)
+    ckpts = [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()]
+    assert f"{stop_at[0]}-2" in ckpts  # the last checkpoint before the interruption
+    seen = []
+    _train(square_data, tmp_path / "cut", tiny_text_encoder, resume=True,
+           step_hook=lambda s, n: seen.append((s, n)))
+    assert seen[0] == (stop_at[0], 3)  # continued from step 2's checkpoint, not from 0
+    for part in ("vae", "unet"):
+        full, cut = _weights(tmp_path / "full", part), _weights(tmp_path / "cut", part)
+        for k in full:
+            torch.testing.assert_close(cut[k], full[k], rtol=0, atol=1e-6, msg=f"{part}.{k}")
+
+
+def test_time_budget_stops(tmp_path, square_data, tiny_text_encoder):
+    data = load_dataset(square_data, resolution=16, progress=False)
+    res = Trainer(data, tmp_path / "m", get_preset("tiny"), resolution=16, text_encoder=str(tiny_text_encoder),
+                  max_minutes=0.05, progress=False).run()
+    assert res.steps["vae"] >= 1 and res.steps["unet"] >= 1
+    assert (tmp_path / "m" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"max_minutes": 0}, "max_minutes"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"resolution": 24}, "resolution 24"),
+])
+def test_bad_arguments(tmp_path, square_data, kw, msg):
+    data = load_dataset(square_data, resolution=16, progress=False)
+    kw.setdefault("resolution", 16)
+    with pytest.raises(ValueError, match=msg):
+        Trainer(data, tmp_path / "m", get_preset("tiny"), **kw)
+
+
+def test_preset_errors():
+    with pytest.raises(ValueError, match="did you mean 'small'"):
+        get_preset("smal")
+    with pytest.raises(ValueError, match="prediction_type"):
+        get_preset("tiny", prediction_type="x0")
+    assert get_preset("small").vae_block_channels(64) == (32, 64, 64)
+    assert get_preset("small").vae_block_channels(128) == (32, 64, 64, 64)
