@@ -55,7 +55,7 @@ class TrainConfig:
     preset: str = "small"
     latent_size: int = 16
     latent_channels: int = 4
-    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_layers_per_block: int = 1
     vae_kl_weight: float = 1e-6
     vae_ssim_weight: float = 0.2

@@ -108,5 +108,5 @@ def test_preset_errors():
         get_preset("smal")
     with pytest.raises(ValueError, match="prediction_type"):
         get_preset("tiny", prediction_type="x0")
-    assert get_preset("small").vae_block_channels(64) == (32, 64, 64)
-    assert get_preset("small").vae_block_channels(128) == (32, 64, 64, 64)
+    assert get_preset("small").vae_block_channels(64) == (16, 32, 64)
+    assert get_preset("small").vae_block_channels(128) == (16, 32, 64, 64)
