@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from generator.files import atomic_save_png, atomic_write_text
 from generator.model_folder import ModelInfo
 from generator.pipeline import RadSynthPipeline
 
@@ -116,14 +116,7 @@ def save_png(image: np.ndarray, path: Path, bits: int = 8) -> None:
         pil = Image.fromarray(np.round(clipped * 255).astype(np.uint8))
     else:
         pil = Image.fromarray(np.round(clipped * 65535).astype(np.uint16))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pil.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_png(pil, path)
 
 
 def read_manifest(folder: Path) -> list[dict[str, Any]]:
@@ -154,12 +147,8 @@ def _append_line(path: Path, line: dict[str, Any]) -> None:
 def sort_manifest(folder: Path) -> None:
     """Rewrite the manifest sorted by file name, without duplicates (atomic replace)."""
     lines = {ln["file_name"]: ln for ln in read_manifest(folder)}
-    path = folder / MANIFEST
-    fd, tmp = tempfile.mkstemp(prefix=".metadata.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        for name in sorted(lines):
-            fh.write(json.dumps(lines[name], sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(lines[name], sort_keys=True) + "\n" for name in sorted(lines))
+    atomic_write_text(folder / MANIFEST, text)
 
 
 def run_fingerprint(settings: dict[str, Any], requests: Sequence[Request]) -> str:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from generator.files import atomic_save_png
 
 
 def contact_sheet(
@@ -58,12 +58,46 @@ def save_contact_sheet(sheet: Image.Image, path: str | Path) -> Path:
     """Save a sheet as PNG atomically (temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_png(sheet, path)
+
+
+def gallery_html(folder: Path, lines: Sequence[dict], *, title: str, page_dir: Path) -> str:
+    """An HTML page showing each image of a generated folder with its prompt, seed, privacy verdict
+    and exported files (links relative to ``page_dir``, where the page will be saved).
+
+    Args:
+        folder: The generated imagefolder.
+        lines: Its manifest lines (``generator.generation.read_manifest``).
+        title: Page title.
+        page_dir: Folder the page is written to.
+    """
+    import html
+    import os.path
+
+    def rel(p: Path) -> str:
+        return html.escape(Path(os.path.relpath(p, page_dir)).as_posix())
+
+    cards = []
+    for ln in lines:
+        img = folder / ln["file_name"]
+        verdict = ln.get("privacy_verdict", "unchecked")
+        files = [f'<a href="{rel(img)}">PNG</a>']
+        for key, label in (("dicom_file", "DICOM"), ("nifti_file", "NIfTI")):
+            if ln.get(key):
+                files.append(f'<a href="{rel(folder / ln[key])}">{label}</a>')
+        sim = ln.get("nearest_train_similarity")
+        sim_text = f"nearest training similarity {sim:.3f} (threshold {ln.get('privacy_threshold', float('nan')):.3f})" \
+            if isinstance(sim, (int, float)) else ""
+        cards.append(
+            f'<figure class="{html.escape(str(verdict))}"><img src="{rel(img)}" width="192" height="192" '
+            f'style="image-rendering:pixelated"><figcaption><b>{html.escape(ln["text"])}</b><br>'
+            f'seed {ln.get("seed")} · privacy: <span class="v">{html.escape(str(verdict))}</span> {sim_text}'
+            f'<br>{" · ".join(files)}</figcaption></figure>'
+        )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1em}} figure{{display:inline-block;width:200px;vertical-align:top;
+margin:6px;font-size:12px}} .reject .v{{color:#b00;font-weight:bold}} .review .v{{color:#b60}}
+.keep .v{{color:#070}}</style></head><body><h1>{html.escape(title)}</h1>
+<p>{len(lines)} synthetic images. Every image is synthetic; DICOM files carry Synthetic Data = YES.</p>
+{''.join(cards)}</body></html>
+"""

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from conditioning.prompts import build_prompt, normalize_findings, normalize_sex
+from generator.files import atomic_write_bytes
 
 #: Lobes a nodule or consolidation can be placed in (frontal projection; the lingula is part of the
 #: left upper lobe).
@@ -677,18 +677,6 @@ def phantom_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _png_bytes(image: np.ndarray) -> bytes:
     import io
 
@@ -759,7 +747,7 @@ def write_phantom_folder(
         attrs = sample_attributes(np.random.default_rng(img_seed))
         ph = render_phantom(attrs, size=int(size), seed=img_seed)
         name = _FILE_PATTERN.format(i)
-        _atomic_write_bytes(out / name, _png_bytes(ph.image))
+        atomic_write_bytes(out / name, _png_bytes(ph.image))
         row = {
             "file_name": name,
             "text": build_prompt(attrs),
@@ -776,7 +764,7 @@ def write_phantom_folder(
         lines.append(json.dumps(row))
         if progress is not None:
             progress(1)
-    _atomic_write_bytes(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
     return out
 
 

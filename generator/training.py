@@ -84,9 +84,10 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
 
 def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
     def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, plan.total - warmup))
+        warm = max(1, min(warmup, plan.total // 10))  # short runs: at most a tenth of the steps
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, plan.total - warm))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn

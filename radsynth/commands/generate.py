@@ -148,8 +148,9 @@ def run(args: argparse.Namespace) -> int:
         prepare_output(output, settings, requests, overwrite=args.overwrite)
     state.wait_for_everyone()
 
-    gate = _privacy_gate(args.privacy_index, info.resolution)
-    hook = _export_hook(args, info, output)
+    gate = privacy_gate(args.privacy_index, info.resolution) if args.privacy_index else None
+    hook = export_hook(set(args.format or ["png"]), output, info, modality=args.modality,
+                       images_per_study=args.images_per_study)
     summary = generate_to_folder(
         pipe, info, requests, output,
         steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
@@ -173,21 +174,24 @@ def run(args: argparse.Namespace) -> int:
             f"{args.max_resample} attempts ({state.num_processes} process(es)) -> {output}"
         )
         if args.grid:
-            _write_grid(output, Path(args.grid))
+            write_grid(output, Path(args.grid))
             print(f"contact sheet: {args.grid}")
     return 0
 
 
-def _privacy_gate(index_dir: str | None, resolution: int):
-    if index_dir is None:
-        return None
+def privacy_gate(index: Any, resolution: int):
+    """A ``generation.Gate`` from an index folder (or a loaded ``PrivacyGate``).
+
+    Raises:
+        ValueError: the index was built at another resolution than the model's.
+    """
     from privacy.gate import PrivacyGate
 
-    gate = PrivacyGate.load(index_dir)
+    gate = index if isinstance(index, PrivacyGate) else PrivacyGate.load(index)
     if int(gate.resolution) != int(resolution):
         raise ValueError(
             f"--privacy-index was built at {gate.resolution} px but the model makes {resolution} px "
-            "images: rebuild the index with --resolution " + str(resolution)
+            f"images: rebuild the index with --resolution {resolution}"
         )
 
     def check(images):
@@ -196,26 +200,28 @@ def _privacy_gate(index_dir: str | None, resolution: int):
     return check
 
 
-def _export_hook(args: argparse.Namespace, info: Any, output: Path):
-    """Exporters called as images are made; they own ``output/dicom`` and ``output/nifti``.
+def export_hook(formats: set[str], output: Path, info: Any, *, modality: str | None = None,
+                images_per_study: int = 1):
+    """A ``generation.ImageHook`` exporting each image as it is made; ``None`` for PNG only.
 
-    They may overwrite: the output folder belongs to this run (checked by ``prepare_output``), and
-    an image whose manifest line was not written before an interruption is made and exported again.
+    The exporters own ``output/dicom`` and ``output/nifti`` and may overwrite there: the output
+    folder belongs to this run (checked by ``prepare_output``), and an image whose manifest line was
+    not written before an interruption is made and exported again.
     """
-    formats = set(args.format or ["png"]) - {"png"}
+    formats = set(formats) - {"png"}
     if not formats:
         return None
     from exporters import DicomExporter, NiftiExporter
 
     from radsynth import __version__
 
-    modality = (args.modality or info.modality or "DX").upper()
+    modality = (modality or info.modality or "DX").upper()
     common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
               "intensity": info.intensity}
     exporters: dict[str, Any] = {}
     if "dicom" in formats:
         exporters["dicom_file"] = DicomExporter(output / "dicom", modality,
-                                                images_per_study=args.images_per_study, **common)
+                                                images_per_study=images_per_study, **common)
     if "nifti" in formats:
         exporters["nifti_file"] = NiftiExporter(output / "nifti", modality, **common)
 
@@ -225,7 +231,7 @@ def _export_hook(args: argparse.Namespace, info: Any, output: Path):
     return hook
 
 
-def _write_grid(output: Path, path: Path, limit: int = 48) -> None:
+def write_grid(output: Path, path: Path, limit: int = 48) -> None:
     import numpy as np
     from PIL import Image
 
