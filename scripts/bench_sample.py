@@ -1,0 +1,542 @@
+#!/usr/bin/env python
+"""Sampling benchmark (issue 3): speed against the stock diffusers loop, and quality against steps.
+
+(a) Speed, measured side by side in one run, on the CPU threads torch is given:
+    for the model trained by ``scripts/bench_train.py`` and for randomly initialised networks of
+    other presets (``--speed-presets``, default the ``small`` preset at 64 px and the ``base`` preset's
+    networks at 64 px with 16x16 latents; random weights cost the same as trained ones), images/s of
+    - ``RadSynthPipeline`` (fp32),
+    - the stock diffusers loop a user would otherwise write around the same ``vae``/``unet``/
+      ``text_encoder``/``tokenizer`` with ``DPMSolverMultistepScheduler`` (same config, steps,
+      guidance, per-image seeds and prompt padding length; its images must equal the pipeline's),
+    - ``RadSynthPipeline(autocast_bf16=True)`` when the CPU supports bfloat16 (AVX-512/AMX), with the
+      mean absolute pixel difference against fp32.
+    Timings alternate between the methods for ``--repeats`` rounds (median reported) so background
+    load hits them alike. Peak memory (``getrusage`` maxrss) is measured per method in a fresh
+    subprocess (``--no-memory`` skips it).
+
+(b) Quality against steps (trained model only): a small CNN is trained on the real PneumoniaMNIST
+    training split (:func:`generator.evaluation.train_classifier`); the Fréchet distance in its
+    penultimate-layer features (not FID: no Inception weights offline) between class-balanced samples
+    and the real validation split is reported for DPM-Solver++ at ``--dpm-steps`` (10/20/50) and DDPM
+    with 1000 steps (on ``--ddpm-images``, fewer since it is slow), next to the real-vs-real
+    reference (balanced training subsets of the same size vs val; the Fréchet distance is biased
+    upwards at small sample sizes, so compare rows at equal N). Conditioning is scored two ways:
+    synthetic->real ROC AUC (a classifier trained on the samples, labelled by prompt, tested on real
+    val) next to real->real AUC, and the real classifier's AUC on the samples.
+
+Outputs: ``OUT/bench_sample.md``, ``OUT/bench_sample.json``, ``OUT/samples_*.png`` contact sheets.
+
+Examples::
+
+    # the issue-3 numbers (after scripts/bench_train.py --out bench_out)
+    python scripts/bench_sample.py --model bench_out/model --out bench_out
+
+    # guidance sweep at DPM-Solver++ 20 steps
+    python scripts/bench_sample.py --model bench_out/model --guidance-sweep 1,2,3,5 --skip-speed
+
+    # smoke run: one thread, few images, no DDPM
+    python scripts/bench_sample.py --model /tmp/bt/model --out /tmp/bs --threads 1 --images 16 \\
+        --speed-images 4 --speed-steps 5 --dpm-steps 5 --no-ddpm --repeats 1 --speed-presets small:64
+"""
+
+from __future__ import annotations
+
+import sys
+
+sys.dont_write_bytecode = True  # write nothing outside --out
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(ROOT), str(ROOT / "scripts")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_train import DEFAULT_DATA, LABEL_TEXT, peak_rss_mib  # noqa: E402
+
+METHODS = ("radsynth", "diffusers_loop", "radsynth_bf16")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def prompts_and_labels(n: int) -> tuple[list[str], np.ndarray]:
+    """``n`` prompts alternating label 0 and 1 (any even prefix is class-balanced)."""
+    labels = np.arange(n) % 2
+    return [LABEL_TEXT[int(k)] for k in labels], labels
+
+
+def bf16_supported() -> bool:
+    """Whether the CPU has AVX-512 (or better, e.g. AMX) so that bfloat16 autocast pays off."""
+    try:
+        return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def build_pipeline(spec: str) -> Any:
+    """``"model:PATH"`` loads a model folder; ``"random:PRESET:RES:LATENT"`` builds random networks."""
+    from generator.model_folder import load_pipeline
+
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        pipe, _ = load_pipeline(rest, device="cpu", half=False)
+        return pipe
+    from conditioning.text_encoder import hidden_size, load_text_encoder
+    from generator.config import get_preset
+    from generator.models import build_noise_scheduler, build_unet, build_vae, make_sampler
+    from generator.pipeline import RadSynthPipeline
+
+    preset, res, latent = rest.split(":")
+    cfg = get_preset(preset, latent_size=int(latent))
+    tokenizer, text_encoder = load_text_encoder(None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = build_vae(cfg, int(res)).eval()
+        unet = build_unet(cfg, hidden_size(text_encoder)).eval()
+    pipe = RadSynthPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                            scheduler=make_sampler("dpm", build_noise_scheduler(cfg)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def stock_diffusers_loop(
+    pipe: Any, prompts: list[str], seeds: list[int], steps: int, guidance: float
+) -> np.ndarray:
+    """The text-to-image loop of the diffusers documentation, over the pipeline's own components.
+
+    Only ``pipe.vae``, ``pipe.unet``, ``pipe.text_encoder``, ``pipe.tokenizer`` and the scheduler's
+    config are used. Prompts are padded to the same length as RadSynth pads them (48 tokens for
+    MiniLM), so both paths compute the same images.
+
+    Returns:
+        ``(B, H, W)`` float32 in ``[0, 1]``.
+    """
+    from diffusers import DPMSolverMultistepScheduler
+
+    from conditioning.text_encoder import max_length
+
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        tok = tokenizer(texts, padding="max_length", max_length=max_length(tokenizer), truncation=True,
+                        return_tensors="pt")
+        return text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+
+    context = torch.cat([embed([""] * len(prompts)), embed(prompts)])
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    latents = latents * scheduler.init_noise_sigma
+    scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        noise_pred = unet(model_in, t, encoder_hidden_states=context).sample
+        uncond, cond = noise_pred.chunk(2)
+        latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+    image = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((image / 2 + 0.5).clamp(0, 1))[:, 0].float().numpy()
+
+
+def run_method(pipe: Any, method: str, prompts: list[str], seeds: list[int], steps: int,
+               guidance: float) -> np.ndarray:
+    """Images ``(B, H, W)`` in ``[0, 1]`` by one of :data:`METHODS`."""
+    if method == "diffusers_loop":
+        return stock_diffusers_loop(pipe, prompts, seeds, steps, guidance)
+    return pipe(prompts, seeds=seeds, num_inference_steps=steps, guidance_scale=guidance,
+                autocast_bf16=method == "radsynth_bf16").images
+
+
+def _memory_probe(spec: str, method: str, n: int, steps: int, guidance: float, threads: int | None,
+                  queue: Any) -> None:
+    """Subprocess body: build the pipeline, run one batch, report maxrss before and after."""
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        pipe = build_pipeline(spec)
+        prompts, _ = prompts_and_labels(n)
+        load_peak = peak_rss_mib()
+        reset = _reset_peak_rss()
+        before = _proc_status_mib("VmRSS")
+        run_method(pipe, method, prompts, list(range(n)), steps, guidance)
+        out = {"peak_rss_mib": peak_rss_mib(), "peak_rss_after_load_mib": load_peak}
+        if reset and before is not None:
+            hwm = _proc_status_mib("VmHWM")
+            out.update(rss_before_sampling_mib=before, peak_rss_sampling_mib=hwm,
+                       sampling_increment_mib=None if hwm is None else hwm - before)
+        queue.put(out)
+    except Exception as exc:  # noqa: BLE001
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _proc_status_mib(key: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB (Linux), else ``None``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(spec: str, method: str, n: int, steps: int, guidance: float,
+                   threads: int | None) -> dict[str, Any]:
+    """Peak RSS of one sampling batch in a fresh (spawned) process."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_memory_probe, args=(spec, method, n, steps, guidance, threads, q))
+    proc.start()
+    try:
+        out = q.get(timeout=3600)
+    finally:
+        proc.join()
+    return out
+
+
+def say(msg: str) -> None:
+    print(f"[bench_sample] {msg}", flush=True)
+
+
+def params_m(module: torch.nn.Module) -> float:
+    return sum(p.numel() for p in module.parameters()) / 1e6
+
+
+# ------------------------------------------------------------------------------------ (a) speed
+def speed_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    specs = [("trained model", f"model:{args.model}")]
+    for item in args.speed_presets:
+        preset, _, res = item.partition(":")
+        specs.append((f"{preset} preset @ {res} px (random weights)",
+                      f"random:{preset}:{res}:{args.speed_latent}"))
+    methods = [m for m in METHODS if m != "radsynth_bf16" or (bf16_supported() and not args.no_bf16)]
+    prompts, _ = prompts_and_labels(args.speed_images)
+    seeds = list(range(args.speed_images))
+    rows = []
+    for name, spec in specs:
+        say(f"speed: {name}")
+        pipe = build_pipeline(spec)
+        row: dict[str, Any] = {
+            "model": name, "spec": spec, "resolution": int(pipe.resolution),
+            "latent": [int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size),
+                       int(pipe.unet.config.sample_size)],
+            "unet_params_m": params_m(pipe.unet), "vae_params_m": params_m(pipe.vae),
+            "images": args.speed_images, "steps": args.speed_steps, "guidance": args.guidance_scale,
+            "times_s": {m: [] for m in methods},
+        }
+        for m in methods:  # warm-up (one-off allocations, oneDNN kernel selection)
+            run_method(pipe, m, prompts[:2], seeds[:2], 2, args.guidance_scale)
+        outputs: dict[str, np.ndarray] = {}
+        for r in range(args.repeats):
+            for m in methods:
+                t0 = time.perf_counter()
+                out = run_method(pipe, m, prompts, seeds, args.speed_steps, args.guidance_scale)
+                row["times_s"][m].append(time.perf_counter() - t0)
+                outputs.setdefault(m, out)
+            say(f"  round {r + 1}/{args.repeats}: " + ", ".join(
+                f"{m} {row['times_s'][m][-1]:.2f}s" for m in methods))
+        row["images_per_s"] = {m: args.speed_images / statistics.median(v) for m, v in row["times_s"].items()}
+        row["ratio_radsynth_over_diffusers"] = row["images_per_s"]["radsynth"] / row["images_per_s"]["diffusers_loop"]
+        row["max_abs_diff_radsynth_vs_diffusers"] = float(np.max(np.abs(outputs["radsynth"] - outputs["diffusers_loop"])))
+        row["image_stats"] = {m: {"mean": float(o.mean()), "std": float(o.std())} for m, o in outputs.items()}
+        if "radsynth_bf16" in outputs:
+            row["bf16_speedup"] = row["images_per_s"]["radsynth_bf16"] / row["images_per_s"]["radsynth"]
+            row["bf16_mean_abs_diff_vs_fp32"] = float(np.mean(np.abs(outputs["radsynth_bf16"] - outputs["radsynth"])))
+        del pipe
+        if not args.no_memory:
+            row["memory"] = {}
+            for m in methods:
+                say(f"  memory probe: {m}")
+                row["memory"][m] = measure_memory(spec, m, args.speed_images, args.speed_steps,
+                                                  args.guidance_scale, args.threads)
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------ (b) quality
+def generate(pipe: Any, n: int, steps: int, guidance: float, bf16: bool, batch_size: int,
+             seed: int, label: str) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``)."""
+    prompts, labels = prompts_and_labels(n)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, n, batch_size):
+        out.append(pipe(prompts[i : i + batch_size], seeds=list(range(seed + i, seed + min(n, i + batch_size))),
+                        num_inference_steps=steps, guidance_scale=guidance, autocast_bf16=bf16).images)
+        say(f"  {label}: {min(n, i + batch_size)}/{n} images ({time.perf_counter() - t0:.0f} s)")
+    return np.concatenate(out), labels, time.perf_counter() - t0
+
+
+def contact_sheet(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 8) -> None:
+    """Rows: label 0 then label 1, ``per_class`` images each."""
+    from PIL import Image
+
+    rows = []
+    for k in (0, 1):
+        sel = images[labels == k][:per_class]
+        if len(sel) == 0:
+            continue
+        pad = per_class - len(sel)
+        if pad:
+            sel = np.concatenate([sel, np.zeros((pad, *sel.shape[1:]), sel.dtype)])
+        rows.append(np.concatenate(list(sel), axis=1))
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(np.round(np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def quality_section(args: argparse.Namespace) -> dict[str, Any]:
+    from generator.evaluation import frechet_distance, roc_auc, synthetic_to_real_auc, train_classifier
+    from generator.ingest import load_dataset
+    from generator.model_folder import load_pipeline
+    from generator.models import make_sampler
+
+    pipe, info = load_pipeline(args.model, device="cpu", half=False)
+    res = int(info.resolution)
+    say(f"quality: loading real data at the model's {res} px")
+    train = load_dataset(args.data, resolution=res, label_text=LABEL_TEXT, npz_split="train", progress=False)
+    val = load_dataset(args.data, resolution=res, label_text=LABEL_TEXT, npz_split="val", progress=False)
+    xt, yt = train.stack(), np.array([r.attributes["label"] for r in train.records])
+    xv, yv = val.stack(), np.array([r.attributes["label"] for r in val.records])
+    clf_kw = {"epochs": args.clf_epochs, "threads": args.threads}
+    t0 = time.perf_counter()
+    clf = train_classifier(xt, yt, seed=args.seed, **clf_kw)
+    say(f"  feature classifier trained on {len(xt)} real images in {time.perf_counter() - t0:.0f} s")
+    ft, fv = clf.features(xt), clf.features(xv)
+    auc_real_all = roc_auc(yv, clf.predict_proba(xv))
+
+    n_main = args.images
+    n_ddpm = min(args.ddpm_images, n_main)
+    sizes = sorted({n_main, n_ddpm})
+    rng = np.random.default_rng(args.seed)
+    reference: dict[str, Any] = {}
+    for n in sizes:
+        fds, aucs = [], []
+        for k in range(args.reference_draws):
+            sub = np.concatenate([rng.choice(np.flatnonzero(yt == c), n // 2, replace=False) for c in (0, 1)])
+            fds.append(frechet_distance(ft[sub], fv))
+            if k == 0:  # real->real AUC at the same training-set size as the synthetic runs
+                aucs.append(synthetic_to_real_auc(xt[sub], yt[sub], xv, yv, seed=args.seed, **clf_kw))
+        reference[str(n)] = {"fd_mean": float(np.mean(fds)), "fd_sd": float(np.std(fds)),
+                             "auc_real_to_real_same_n": aucs[0]}
+    say("  real-vs-real reference: " + ", ".join(f"N={n}: FD {reference[str(n)]['fd_mean']:.4f}" for n in sizes))
+
+    base_sched = pipe.scheduler
+    configs: list[dict[str, Any]] = [
+        {"sampler": "dpm", "steps": s, "guidance": args.guidance_scale, "bf16": False, "n": n_main}
+        for s in args.dpm_steps
+    ]
+    if bf16_supported() and not args.no_bf16 and args.bf16_steps in args.dpm_steps:
+        configs.append({"sampler": "dpm", "steps": args.bf16_steps, "guidance": args.guidance_scale,
+                        "bf16": True, "n": n_main})
+    if not args.no_ddpm:
+        configs.append({"sampler": "ddpm", "steps": args.ddpm_steps, "guidance": args.guidance_scale,
+                        "bf16": False, "n": n_ddpm})
+    for g in args.guidance_sweep:
+        if g != args.guidance_scale:
+            configs.append({"sampler": "dpm", "steps": args.sweep_steps, "guidance": g, "bf16": False,
+                            "n": n_main, "sweep": True})
+    rows = []
+    for c in configs:
+        tag = f"{c['sampler']}{c['steps']}_g{c['guidance']:g}{'_bf16' if c['bf16'] else ''}"
+        pipe.scheduler = make_sampler(c["sampler"], base_sched)
+        say(f"quality: {tag} ({c['n']} images)")
+        syn, labels, secs = generate(pipe, c["n"], c["steps"], c["guidance"], c["bf16"], args.batch_size,
+                                     args.seed, tag)
+        fs = clf.features(syn)
+        row = {**c, "tag": tag, "seconds": secs, "images_per_s": c["n"] / secs,
+               "fd": {str(n): frechet_distance(fs[:n], fv) for n in sizes if n <= c["n"]},
+               "auc_syn_to_real": synthetic_to_real_auc(syn, labels, xv, yv, seed=args.seed, **clf_kw),
+               "auc_real_clf_on_syn": roc_auc(labels, clf.predict_proba(syn)),
+               "pixel_mean": float(syn.mean()), "pixel_std": float(syn.std())}
+        contact_sheet(syn, labels, args.out / f"samples_{tag}.png")
+        say(f"  FD {row['fd']}, syn->real AUC {row['auc_syn_to_real']:.3f}, "
+            f"real clf on syn AUC {row['auc_real_clf_on_syn']:.3f}")
+        rows.append(row)
+    contact_sheet(xv, yv, args.out / "samples_real_val.png")
+    return {
+        "resolution": res, "num_train": len(xt), "num_val": len(xv),
+        "classifier": {"epochs": args.clf_epochs, "size": clf.size, "feature_dim": clf.feature_dim,
+                       "seed": args.seed},
+        "auc_real_to_real": auc_real_all, "reference": reference, "sizes": sizes, "rows": rows,
+        "real_pixel_mean": float(xv.mean()), "real_pixel_std": float(xv.std()),
+    }
+
+
+# ------------------------------------------------------------------------------------ report
+def markdown(res: dict[str, Any]) -> str:
+    out = [f"### Sampling benchmark ({res['threads']} torch threads, {res['platform']['cpu_capability']})", ""]
+    if res.get("speed"):
+        out += [
+            f"Speed: {res['speed'][0]['images']} images per call (class-balanced prompts), DPM-Solver++ "
+            f"{res['speed'][0]['steps']} steps, guidance {res['speed'][0]['guidance']:g}, median of "
+            f"{res['repeats']} alternating rounds. `diffusers loop` = the stock loop over the same components.",
+            "",
+            "| model | UNet M params | latent | method | images/s | peak RSS MiB (process) | "
+            "RSS increase while sampling MiB | vs diffusers loop |",
+            "|---|---:|---|---|---:|---:|---:|---:|",
+        ]
+        for r in res["speed"]:
+            for m, ips in r["images_per_s"].items():
+                probe = r.get("memory", {}).get(m, {})
+                mem, inc = probe.get("peak_rss_mib"), probe.get("sampling_increment_mib")
+                ratio = ips / r["images_per_s"]["diffusers_loop"]
+                out.append(f"| {r['model']} ({r['resolution']} px) | {r['unet_params_m']:.1f} | "
+                           f"{'x'.join(map(str, r['latent']))} | {m} | {ips:.2f} | "
+                           f"{'-' if mem is None else f'{mem:.0f}'} | {'-' if inc is None else f'{inc:.0f}'} | "
+                           f"{ratio:.2f}x |")
+        out += ["", "| model | max abs diff RadSynth vs diffusers loop | bf16 speed-up | bf16 mean abs diff vs fp32 | "
+                "pixel mean/std fp32 | pixel mean/std bf16 |", "|---|---:|---:|---:|---|---|"]
+        for r in res["speed"]:
+            st = r["image_stats"]
+            bf = st.get("radsynth_bf16")
+            bf_txt = "-" if bf is None else f"{bf['mean']:.3f}/{bf['std']:.3f}"
+            out.append(
+                f"| {r['model']} | {r['max_abs_diff_radsynth_vs_diffusers']:.2e} | "
+                f"{r.get('bf16_speedup', float('nan')):.2f}x | {r.get('bf16_mean_abs_diff_vs_fp32', float('nan')):.4f} | "
+                f"{st['radsynth']['mean']:.3f}/{st['radsynth']['std']:.3f} | "
+                f"{bf_txt} |")
+        out.append("")
+    q = res.get("quality")
+    if q:
+        sizes = q["sizes"]
+        out += [
+            f"Quality: Fréchet distance in the features of a CNN trained on the real training split "
+            f"({q['num_train']} images, {q['classifier']['feature_dim']}-d; not FID) against the real "
+            f"val split ({q['num_val']} images) at {q['resolution']} px. AUC columns: ROC AUC on real "
+            f"val of a classifier trained on the samples (syn->real), and of the real-trained "
+            f"classifier scoring the samples against their prompt labels.",
+            "",
+            "| images | sampler | steps | guidance | " + " | ".join(f"FD (N={n})" for n in sizes)
+            + " | syn->real AUC | real clf on syn AUC | images/s | pixel mean/std |",
+            "|---|---|---:|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---|",
+        ]
+        for n in sizes:
+            ref = q["reference"][str(n)]
+            out.append(
+                f"| real train subset (N={n}) | - | - | - | "
+                + " | ".join(f"{ref['fd_mean']:.4f} ± {ref['fd_sd']:.4f}" if m == n else "" for m in sizes)
+                + f" | {ref['auc_real_to_real_same_n']:.3f} (real->real) | - | - | - |")
+        out.append(f"| real train (all {q['num_train']}) | - | - | - | " + " | ".join("" for _ in sizes)
+                   + f" | {q['auc_real_to_real']:.3f} (real->real) | - | - | "
+                   f"{q['real_pixel_mean']:.3f}/{q['real_pixel_std']:.3f} |")
+        for r in q["rows"]:
+            name = {"dpm": "DPM-Solver++", "ddpm": "DDPM"}[r["sampler"]] + (" bf16" if r["bf16"] else "")
+            out.append(
+                f"| synthetic (N={r['n']}) | {name} | {r['steps']} | {r['guidance']:g} | "
+                + " | ".join(f"{r['fd'][str(n)]:.4f}" if str(n) in r["fd"] else "-" for n in sizes)
+                + f" | {r['auc_syn_to_real']:.3f} | {r['auc_real_clf_on_syn']:.3f} | {r['images_per_s']:.2f} | "
+                f"{r['pixel_mean']:.3f}/{r['pixel_std']:.3f} |")
+        out.append("")
+    return "\n".join(out) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench_sample.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__[__doc__.index("Examples::"):], formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, default=Path("bench_out/model"),
+                   help="model folder from bench_train.py (default bench_out/model)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="PneumoniaMNIST .npz")
+    p.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (default bench_out)")
+    p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (default 2)")
+    p.add_argument("--guidance-sweep", type=_floats, default=[], metavar="G1,G2,...",
+                   help="also score DPM-Solver++ --sweep-steps at these guidance scales")
+    p.add_argument("--sweep-steps", type=int, default=20, help="steps of the guidance sweep (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="base seed of samples and classifiers")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--skip-speed", action="store_true")
+    g.add_argument("--speed-images", type=int, default=8, help="images per timed call (default 8)")
+    g.add_argument("--speed-steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
+    g.add_argument("--speed-presets", type=lambda s: [x for x in s.split(",") if x], default=["small:64", "base:64"],
+                   metavar="PRESET:RES,...", help="random-weight models to time (default small:64,base:64)")
+    g.add_argument("--speed-latent", type=int, default=16, help="latent side of the random models (default 16)")
+    g.add_argument("--repeats", type=int, default=3, help="alternating timing rounds (default 3)")
+    g.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
+    g.add_argument("--no-bf16", action="store_true", help="skip bfloat16 autocast measurements")
+    q = p.add_argument_group("quality")
+    q.add_argument("--skip-quality", action="store_true")
+    q.add_argument("--images", type=int, default=270, help="samples per DPM-Solver++ setting (even; default 270)")
+    q.add_argument("--dpm-steps", type=_ints, default=[10, 20, 50], metavar="S1,S2,...",
+                   help="DPM-Solver++ step counts (default 10,20,50)")
+    q.add_argument("--bf16-steps", type=int, default=20, help="DPM step count also scored under bf16 (default 20)")
+    q.add_argument("--no-ddpm", action="store_true", help="skip the DDPM row")
+    q.add_argument("--ddpm-steps", type=int, default=1000)
+    q.add_argument("--ddpm-images", type=int, default=64, help="samples for DDPM (even; default 64)")
+    q.add_argument("--batch-size", type=int, default=32, help="images per pipeline call (default 32)")
+    q.add_argument("--clf-epochs", type=int, default=10, help="epochs of every classifier (default 10)")
+    q.add_argument("--reference-draws", type=int, default=5,
+                   help="random real training subsets for the real-vs-real FD (default 5)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    for name in ("images", "ddpm_images", "speed_images"):
+        v = getattr(args, name)
+        if v < 2 or v % 2:
+            raise SystemExit(f"--{name.replace('_', '-')} must be an even number >= 2, got {v}")
+    for name in ("repeats", "batch_size", "speed_steps", "clf_epochs", "reference_draws", "sweep_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (args.model / "model_index.json").is_file():
+        raise SystemExit(f"--model {args.model} is not a model folder; run scripts/bench_train.py first")
+    if not args.skip_quality and not args.data.is_file():
+        raise SystemExit(f"--data {args.data} not found")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "bench_sample", "model": str(args.model), "threads": torch.get_num_threads(),
+        "repeats": args.repeats, "guidance_scale": args.guidance_scale, "seed": args.seed,
+        "bf16_supported": bf16_supported(), "label_text": {str(k): v for k, v in LABEL_TEXT.items()},
+        "platform": {"python": platform.python_version(), "torch": torch.__version__,
+                     "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+                     "machine": platform.machine()},
+    }
+    if not args.skip_speed:
+        res["speed"] = speed_section(args)
+    if not args.skip_quality:
+        res["quality"] = quality_section(args)
+    res["wall_s"] = time.perf_counter() - t0
+    res["peak_rss_mib_main_process"] = peak_rss_mib()
+    md = markdown(res)
+    (args.out / "bench_sample.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "bench_sample.md").write_text(md)
+    print(md)
+    say(f"wrote {args.out / 'bench_sample.md'} and {args.out / 'bench_sample.json'} in {res['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
