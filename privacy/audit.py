@@ -1,0 +1,362 @@
+"""Per-image verdicts and the dataset summary of a memorization audit (DESIGN.md §4).
+
+:func:`audit_images` scores images against a :class:`~privacy.index.ReferenceIndex` and returns an
+:class:`AuditResult`: one :class:`ImageVerdict` per image (``keep`` / ``review`` / ``reject`` with
+reasons, top-k training neighbours per view, p-value, nearest/second-nearest ratio) and a summary
+(copy rate, share of training images and patients copied, similarity quantiles synthetic→train
+against held-out→train, authenticity share, expected chance flags, a planted-copy self-test).
+
+Decision rule, per image:
+- ``reject``: some view's nearest similarity exceeds that view's conformal threshold at
+  ``alpha / V`` (Bonferroni over ``V`` views, so at most ``alpha`` of real unseen images are
+  flagged), or the pixel correlation with a training image is at least the index's
+  ``leak_threshold`` (a near-exact copy).
+- ``review``: the same at ``review_alpha``.
+- ``keep``: otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from privacy.index import VIEW_NAMES, ReferenceIndex, Scores
+
+#: What a passed audit means, stated in every summary.
+GUARANTEE_STATEMENT = (
+    "A passed audit means that no synthetic image was more similar to a training image, under the "
+    "views measured (pixel correlation over flips and small shifts, perceptual hash, a copy-detection "
+    "embedding), than real images never used in training usually are, at the stated false-flag rate "
+    "alpha. It does not prove that no training information leaked: copies under transforms the views "
+    "do not capture, partial copies, and attribute or membership inference are not ruled out. Only "
+    "differentially private training gives a formal privacy guarantee."
+)
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+VERDICTS = ("keep", "review", "reject")
+
+
+@dataclass
+class ImageVerdict:
+    """The audit of one image.
+
+    Attributes:
+        file_name: The image's id (file name in the synthetic folder).
+        verdict: ``"keep"``, ``"review"`` or ``"reject"``.
+        reasons: Human-readable reasons (empty for ``keep``).
+        score: Decision margin at ``alpha``: the largest relative excess of a view's nearest
+            similarity over that view's threshold (see
+            :meth:`privacy.calibration.Calibration.margin`); ``> 0`` means some view is above its
+            threshold.
+        threshold: Always 0 (reject when ``score`` is above it).
+        review_threshold: The value of ``score`` above which the image is at least ``review``.
+        alpha: False-flag rate used for ``reject``.
+        review_alpha: False-flag rate used for ``review``.
+        p_value: Conformal p-value of ``score`` against the held-out null.
+        similarity: view -> nearest training similarity.
+        view_thresholds: view -> that view's own threshold at ``alpha`` (informative).
+        neighbours: view -> top-k ``{"id", "similarity", "patient_id"}`` dicts.
+        nn_ratio: Embedding-view distance ratio ``(1 - s1) / (1 - s2)``; near 0 means one training
+            image stands out (copy-like), near 1 means several are equally close.
+        nearest_patient_id: Patient of the nearest training image (pixel view), if known.
+        authentic: Whether the image is farther (embedding view) from its nearest training image
+            than that image is from its own nearest training neighbour.
+    """
+
+    file_name: str
+    verdict: str
+    reasons: list[str]
+    score: float
+    threshold: float
+    review_threshold: float
+    alpha: float
+    review_alpha: float
+    p_value: float
+    similarity: dict[str, float]
+    view_thresholds: dict[str, float]
+    neighbours: dict[str, list[dict[str, Any]]]
+    nn_ratio: float
+    nearest_patient_id: str | None = None
+    authentic: bool = True
+
+    @property
+    def nearest_ids(self) -> list[str]:
+        """Ids of the nearest training images in the pixel view, best first."""
+        return [n["id"] for n in self.neighbours.get("ncc", [])]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable record (used in the audit JSON)."""
+        return {
+            "file_name": self.file_name,
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "score": _f(self.score),
+            "threshold": _f(self.threshold),
+            "review_threshold": _f(self.review_threshold),
+            "alpha": self.alpha,
+            "review_alpha": self.review_alpha,
+            "p_value": _f(self.p_value),
+            "similarity": {k: _f(v) for k, v in self.similarity.items()},
+            "view_thresholds": {k: _f(v) for k, v in self.view_thresholds.items()},
+            "neighbours": self.neighbours,
+            "nn_ratio": _f(self.nn_ratio),
+            "nearest_patient_id": self.nearest_patient_id,
+            "authentic": bool(self.authentic),
+        }
+
+    def manifest_fields(self) -> dict[str, Any]:
+        """Fields added to a ``metadata.jsonl`` line (DESIGN.md §3.3).
+
+        ``nearest_train_similarity`` is the decision margin (relative excess of the nearest training
+        similarity over its calibrated threshold, max over views) and ``privacy_threshold`` the
+        value it is compared with (0); the raw per-view similarities are in
+        ``privacy_similarity_<view>``.
+        """
+        out: dict[str, Any] = {
+            "nearest_train_similarity": _f(self.score),
+            "privacy_threshold": _f(self.threshold),
+            "privacy_verdict": self.verdict,
+            "privacy_p_value": _f(self.p_value),
+            "privacy_alpha": self.alpha,
+            "privacy_score_kind": "max over views of (similarity - threshold) / (threshold - null median)",
+            "privacy_nearest_ids": self.nearest_ids[:3],
+            "privacy_reasons": list(self.reasons),
+            "privacy_nn_ratio": _f(self.nn_ratio),
+        }
+        for view, s in self.similarity.items():
+            out[f"privacy_similarity_{view}"] = _f(s)
+        if self.nearest_patient_id is not None:
+            out["privacy_nearest_patient_id"] = self.nearest_patient_id
+        return out
+
+
+@dataclass
+class AuditResult:
+    """Verdicts for every image plus the dataset summary.
+
+    Attributes:
+        images: One :class:`ImageVerdict` per audited image, in input order.
+        summary: Dataset-level numbers (see :func:`audit_images`).
+    """
+
+    images: list[ImageVerdict]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"images": [...], "summary": {...}}``, JSON-serialisable."""
+        return {"images": [v.to_dict() for v in self.images], "summary": self.summary}
+
+
+def _f(x: float) -> float | None:
+    x = float(x)
+    return None if not np.isfinite(x) else round(x, 6)
+
+
+def verdicts_from_scores(
+    index: ReferenceIndex,
+    scores: Scores,
+    file_names: Sequence[str],
+    alpha: float | None = None,
+) -> list[ImageVerdict]:
+    """Turn :class:`~privacy.index.Scores` into verdicts.
+
+    Args:
+        index: The calibrated reference index.
+        scores: ``index.score(images)``.
+        file_names: ``(Q,)`` ids of the scored images.
+        alpha: Reject false-flag rate; default the index's.
+
+    Raises:
+        ValueError: ``alpha`` outside ``(0, 1)`` or ``file_names`` of the wrong length.
+    """
+    cal = index.calibration
+    if cal is None:
+        raise ValueError("the index has no calibration; build it with ReferenceIndex.build")
+    a = index.alpha if alpha is None else float(alpha)
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    ra = max(index.review_alpha, a)
+    if len(file_names) != len(scores):
+        raise ValueError(f"file_names has {len(file_names)} entries but {len(scores)} images were scored")
+    margin = cal.margin(scores.nearest, a)
+    review_margin = cal.margin(scores.nearest, ra)
+    view_thr = cal.view_thresholds(a)
+    review_thr = cal.view_thresholds(ra)
+    p_values = cal.combined_p_value(scores.nearest)
+    ref_nn = index.ref_nn_similarity()
+    out: list[ImageVerdict] = []
+    for q, name in enumerate(file_names):
+        neighbours: dict[str, list[dict[str, Any]]] = {}
+        for v in VIEW_NAMES:
+            sims, idx = scores.neighbours[v]
+            neighbours[v] = [
+                {"id": index.ids[int(i)], "similarity": _f(s), "patient_id": index.patient_ids[int(i)]}
+                for s, i in zip(sims[q], idx[q])
+                if i >= 0
+            ]
+        sim = {v: float(scores.nearest[v][q]) for v in VIEW_NAMES}
+        fused = float(margin[q])
+        reasons: list[str] = []
+        ncc_top = neighbours["ncc"][0] if neighbours["ncc"] else None
+        leak = ncc_top is not None and sim["ncc"] >= index.leak_threshold
+        if leak:
+            reasons.append(
+                f"pixel correlation {sim['ncc']:.4f} >= {index.leak_threshold} with training image "
+                f"{ncc_top['id']}: near-exact copy"
+            )
+        level = "reject" if (fused > 0 or leak) else "review" if review_margin[q] > 0 else "keep"
+        if level != "keep":
+            cut, cut_alpha = (view_thr, a) if fused > 0 else (review_thr, ra)
+            for v in cal.fused_views:
+                if sim[v] > cut[v] and neighbours[v]:
+                    reasons.append(
+                        f"{v} similarity {sim[v]:.4f} to training image {neighbours[v][0]['id']} "
+                        f"exceeds its threshold {cut[v]:.4f} (alpha {cut_alpha:g} / {len(cal.fused_views)} views)"
+                    )
+        e_sims = scores.neighbours["embedding"][0][q]
+        ratio = (1.0 - e_sims[0]) / max(1.0 - e_sims[1], 1e-9) if len(e_sims) > 1 else float("nan")
+        e_top = int(scores.neighbours["embedding"][1][q][0])
+        out.append(
+            ImageVerdict(
+                file_name=str(name),
+                verdict=level,
+                reasons=reasons,
+                score=fused,
+                threshold=0.0,
+                review_threshold=float(fused - review_margin[q]),
+                alpha=a,
+                review_alpha=ra,
+                p_value=float(p_values[q]),
+                similarity=sim,
+                view_thresholds=view_thr,
+                neighbours=neighbours,
+                nn_ratio=float(ratio),
+                nearest_patient_id=ncc_top["patient_id"] if ncc_top else None,
+                authentic=bool(e_sims[0] < ref_nn[e_top]),
+            )
+        )
+    return out
+
+
+def planted_copy_self_test(
+    index: ReferenceIndex, n: int = 32, alpha: float | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Plant transformed copies of training images and report the share rejected per transform.
+
+    Args:
+        index: The calibrated reference index.
+        n: Training images planted per transform.
+        alpha: Reject false-flag rate; default the index's.
+        seed: Seed for the choice of images and transform parameters.
+
+    Returns:
+        transform name -> share of planted copies with verdict ``reject``.
+    """
+    rng = np.random.default_rng(seed)
+    images = index.images
+    r = index.resolution
+    pick = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    base = images[pick]
+    s = max(1, round(2 * r / 28))
+    planted = {
+        "identity": base,
+        "flip": base[:, :, ::-1],
+        "shift": np.stack([ndimage.shift(x, (s, -s), order=0, mode="nearest") for x in base]),
+        "brightness": base * 1.2,
+        "gamma": base ** 0.7,
+        "noise": base + rng.normal(0, 0.05, base.shape),
+        "blur": np.stack([ndimage.gaussian_filter(x, r / 28.0) for x in base]),
+    }
+    out = {}
+    for name, imgs in planted.items():
+        imgs = np.clip(imgs, 0, 1).astype(np.float32)
+        v = verdicts_from_scores(index, index.score(imgs), [str(i) for i in range(len(imgs))], alpha)
+        out[name] = round(float(np.mean([x.verdict == "reject" for x in v])), 4)
+    return out
+
+
+def _quantiles(x: np.ndarray) -> dict[str, float | None]:
+    x = np.asarray(x, dtype=np.float64)
+    return {f"q{int(round(q * 100)):02d}": _f(np.quantile(x, q)) for q in QUANTILES}
+
+
+def audit_images(
+    index: ReferenceIndex,
+    images: np.ndarray,
+    file_names: Sequence[str] | None = None,
+    alpha: float | None = None,
+    k: int = 5,
+    self_test: bool = True,
+    progress: bool = False,
+) -> AuditResult:
+    """Audit a stack of images for copies of the index's training images.
+
+    Args:
+        index: A calibrated :class:`~privacy.index.ReferenceIndex`.
+        images: ``(Q, R, R)`` float32 images in ``[0, 1]`` at the index resolution, ``Q >= 1``.
+        file_names: ``(Q,)`` ids; default ``"0"..."Q-1"``.
+        alpha: Reject false-flag rate; default the index's.
+        k: Neighbours reported per view.
+        self_test: Include the planted-copy self-test in the summary.
+        progress: Show progress.
+
+    Returns:
+        :class:`AuditResult`; ``summary`` has ``n_images``, ``counts`` (per verdict),
+        ``copy_rate``, ``review_rate``, ``expected_chance_flags`` (``alpha * n``),
+        ``training_images_copied`` / ``share_training_images_copied``,
+        ``training_patients_copied`` / ``share_training_patients_copied`` (when patient ids exist),
+        ``similarity_quantiles`` (per view and fused: ``synthetic`` vs ``heldout``),
+        ``authenticity_share``, ``thresholds``, ``holdout``, ``self_test`` and ``statement``.
+
+    Raises:
+        ValueError: empty input, wrong resolution, bad ``alpha``.
+    """
+    if images is None or len(images) == 0:
+        raise ValueError("no images to audit: the synthetic set is empty")
+    scores = index.score(images, k=k, progress=progress)
+    names = [str(i) for i in range(len(images))] if file_names is None else list(file_names)
+    verdicts = verdicts_from_scores(index, scores, names, alpha)
+    a = verdicts[0].alpha
+    ra = verdicts[0].review_alpha
+    n = len(verdicts)
+    counts = {v: sum(x.verdict == v for x in verdicts) for v in VERDICTS}
+    rejected = [x for x in verdicts if x.verdict == "reject"]
+    copied = sorted({x.nearest_ids[0] for x in rejected if x.nearest_ids})
+    has_pids = any(p is not None for p in index.patient_ids)
+    cal = index.calibration
+    quant = {
+        v: {"synthetic": _quantiles(scores.nearest[v]), "heldout": _quantiles(cal.null[v])}
+        for v in VIEW_NAMES
+    }
+    quant["fused"] = {"synthetic": _quantiles(scores.fused), "heldout": _quantiles(cal.fused_null)}
+    summary: dict[str, Any] = {
+        "n_images": n,
+        "counts": counts,
+        "copy_rate": round(counts["reject"] / n, 6),
+        "review_rate": round(counts["review"] / n, 6),
+        "alpha": a,
+        "review_alpha": ra,
+        "expected_chance_flags": {"reject": round(a * n, 3), "review_or_reject": round(ra * n, 3)},
+        "training_images_copied": len(copied),
+        "share_training_images_copied": round(len(copied) / len(index.ids), 6),
+        "copied_training_ids": copied,
+        "similarity_quantiles": quant,
+        "authenticity_share": round(float(np.mean([x.authentic for x in verdicts])), 6),
+        "thresholds": {"reject": index.thresholds(a), "review": index.thresholds(ra)},
+        "leak_threshold": index.leak_threshold,
+        "holdout": index.holdout,
+        "n_references": len(index.ids),
+        "resolution": index.resolution,
+        "statement": GUARANTEE_STATEMENT,
+    }
+    if has_pids:
+        pats = sorted({x.nearest_patient_id for x in rejected if x.nearest_patient_id is not None})
+        n_pat = len({p for p in index.patient_ids if p is not None})
+        summary["training_patients_copied"] = len(pats)
+        summary["share_training_patients_copied"] = round(len(pats) / max(n_pat, 1), 6)
+        summary["copied_patient_ids"] = pats
+    if self_test:
+        summary["self_test"] = planted_copy_self_test(index, alpha=a)
+    return AuditResult(images=verdicts, summary=summary)

@@ -1,0 +1,153 @@
+"""Audit reports: JSON and a self-contained HTML review page (DESIGN.md §4).
+
+The HTML page shows the summary, then each flagged image (``reject`` first, then ``review``) beside
+its nearest training images with their similarities; images are embedded as base64 PNG so the page
+is a single file. The page contains training images: keep it with the reference index.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from privacy.audit import AuditResult
+from privacy.index import ReferenceIndex
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(result: AuditResult, path: str | Path) -> Path:
+    """Write ``{"images": [...], "summary": {...}}`` to ``path`` (atomically)."""
+    return atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
+
+
+def png_data_uri(image: np.ndarray, display: int = 128) -> str:
+    """``data:image/png;base64,...`` of a ``(H, W)`` image in ``[0, 1]``, enlarged (nearest) to
+    about ``display`` pixels wide."""
+    arr = (np.clip(np.asarray(image, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = Image.fromarray(arr, mode="L")
+    if img.width < display:
+        f = max(1, display // img.width)
+        img = img.resize((img.width * f, img.height * f), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+.row{display:flex;gap:12px;align-items:flex-start;margin:1em 0;padding:1em;border:1px solid #ddd}
+.reject{border-left:6px solid #c0392b}.review{border-left:6px solid #e67e22}
+figure{margin:0;text-align:center;font-size:12px}img{image-rendering:pixelated}
+.warn{background:#fff3cd;padding:.5em 1em;border:1px solid #e0c060}
+"""
+
+
+def render_html(
+    result: AuditResult,
+    index: ReferenceIndex,
+    images: np.ndarray,
+    max_flagged: int = 200,
+    n_neighbours: int = 3,
+) -> str:
+    """The review page as a string.
+
+    Args:
+        result: The audit.
+        index: The index audited against (for the training images).
+        images: ``(Q, R, R)`` the audited images, in the order of ``result.images``.
+        max_flagged: Most flagged images shown.
+        n_neighbours: Training neighbours shown per flagged image (pixel view, then embedding).
+    """
+    s = result.summary
+    e = html.escape
+    id_to_idx = {rid: i for i, rid in enumerate(index.ids)}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>RadSynth memorization audit</title>",
+        f"<style>{_CSS}</style></head><body><h1>RadSynth memorization audit</h1>",
+        "<p class='warn'>This page shows training images: keep it with the reference index, "
+        "not with the synthetic data.</p>",
+        "<table>",
+    ]
+    rows: list[tuple[str, Any]] = [
+        ("images audited", s.get("n_images")),
+        ("keep / review / reject", " / ".join(str(s["counts"][k]) for k in ("keep", "review", "reject"))),
+        ("copy rate (reject)", s.get("copy_rate")),
+        ("expected chance flags (alpha x n)", s.get("expected_chance_flags")),
+        ("alpha (reject) / (review)", f"{s.get('alpha')} / {s.get('review_alpha')}"),
+        ("training images copied", f"{s.get('training_images_copied')} ({s.get('share_training_images_copied')})"),
+        ("authenticity share", s.get("authenticity_share")),
+        ("held-out set", s.get("holdout", {}).get("source")),
+    ]
+    if "training_patients_copied" in s:
+        rows.append(("training patients copied", f"{s['training_patients_copied']} ({s['share_training_patients_copied']})"))
+    if "self_test" in s:
+        rows.append(("planted-copy self-test (share rejected)", s["self_test"]))
+    parts += [f"<tr><th>{e(k)}</th><td>{e(str(v))}</td></tr>" for k, v in rows]
+    parts.append("</table><h2>Similarity quantiles: synthetic→train vs held-out→train</h2><table>")
+    parts.append("<tr><th>view</th><th>set</th>" + "".join(f"<th>{q}</th>" for q in next(iter(s["similarity_quantiles"].values()))["synthetic"]) + "</tr>")
+    for view, d in s["similarity_quantiles"].items():
+        for which in ("synthetic", "heldout"):
+            parts.append(f"<tr><td>{e(view)}</td><td>{which}</td>" + "".join(f"<td>{v}</td>" for v in d[which].values()) + "</tr>")
+    parts.append(f"</table><p>{e(s.get('statement', ''))}</p>")
+    flagged = [i for i, v in enumerate(result.images) if v.verdict == "reject"]
+    flagged += [i for i, v in enumerate(result.images) if v.verdict == "review"]
+    parts.append(f"<h2>Flagged images ({len(flagged)})</h2>")
+    if not flagged:
+        parts.append("<p>No image was flagged.</p>")
+    for i in flagged[:max_flagged]:
+        v = result.images[i]
+        parts.append(f"<div class='row {v.verdict}'>")
+        parts.append(
+            f"<figure><img src='{png_data_uri(images[i])}' alt='synthetic'><figcaption><b>{e(v.file_name)}</b><br>"
+            f"{v.verdict} · score {v.score:.2f} > {v.threshold:.2f}?<br>p = {v.p_value:.4f}</figcaption></figure>"
+        )
+        shown: list[str] = []
+        for view in ("ncc", "embedding"):
+            for nb in v.neighbours.get(view, []):
+                if len(shown) >= n_neighbours:
+                    break
+                if nb["id"] in shown or nb["id"] not in id_to_idx:
+                    continue
+                shown.append(nb["id"])
+                img = index.images[id_to_idx[nb["id"]]]
+                sims = " · ".join(f"{k} {v.similarity[k]:.3f}" for k in v.similarity) if len(shown) == 1 else ""
+                parts.append(
+                    f"<figure><img src='{png_data_uri(img)}' alt='training'><figcaption>train {e(nb['id'])}<br>"
+                    f"{view} {nb['similarity']:.4f}<br>{e(sims)}</figcaption></figure>"
+                )
+        parts.append("<div><ul>" + "".join(f"<li>{e(r)}</li>" for r in v.reasons) + "</ul></div></div>")
+    if len(flagged) > max_flagged:
+        parts.append(f"<p>{len(flagged) - max_flagged} more flagged images are in the JSON report.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_html(
+    result: AuditResult, index: ReferenceIndex, images: np.ndarray, path: str | Path, max_flagged: int = 200
+) -> Path:
+    """Write the review page (see :func:`render_html`) to ``path`` atomically."""
+    return atomic_write_text(path, render_html(result, index, images, max_flagged=max_flagged))

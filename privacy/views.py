@@ -1,0 +1,384 @@
+"""Similarity views of an image: pixel correlation, perceptual hash (DESIGN.md §4).
+
+Every function takes images as ``(N, H, W)`` float arrays in ``[0, 1]`` (the RadSynth pixel
+convention) and returns features whose inner products are similarities:
+
+- pixel normalized cross-correlation (NCC): images are resized to at most ``NCC_MAX_SIZE`` pixels,
+  centred and scaled to unit norm, so a dot product is the Pearson correlation in ``[-1, 1]``.
+  :func:`shifted_ncc_max` takes the maximum over horizontal flips and shifts of up to ``max_shift``
+  pixels, comparing the query's shifted window with the reference's central window.
+- perceptual hash (pHash): sign of the low-frequency 2D DCT block against its median, 64 bits; the
+  similarity ``1 - hamming / 64`` lies in ``[0, 1]``.
+
+The learned contrastive view lives in :mod:`privacy.embedding`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from scipy.fft import dctn
+
+#: Largest side used by the pixel-correlation view; bigger images are area-downsampled to it.
+NCC_MAX_SIZE = 32
+#: Side of the coarse, blurred pixel view used to pick candidates for the shifted NCC.
+COARSE_SIZE = 16
+#: Bits of the perceptual hash (an 8 x 8 DCT block).
+HASH_BITS = 64
+
+_EPS = 1e-6
+
+
+def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
+    """Validate an image stack and return it as C-contiguous float32.
+
+    Args:
+        images: ``(N, H, W)`` array, values in ``[0, 1]``.
+        name: Argument name used in error messages.
+
+    Returns:
+        ``(N, H, W)`` float32 array.
+
+    Raises:
+        ValueError: wrong number of dimensions, empty stack, non-finite values or values outside
+            ``[0, 1]`` (beyond a small tolerance).
+    """
+    arr = np.asarray(images)
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must have shape (N, H, W), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape})")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-3 or hi > 1.0 + 1e-3:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    return arr
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(N, H, W)`` images to ``(N, size, size)`` (area averaging down, bilinear up).
+
+    Args:
+        images: ``(N, H, W)`` float array.
+        size: Output side in pixels.
+
+    Returns:
+        ``(N, size, size)`` float32 array.
+    """
+    arr = np.asarray(images, dtype=np.float32)
+    if arr.shape[1] == size and arr.shape[2] == size:
+        return np.ascontiguousarray(arr)
+    t = torch.from_numpy(np.ascontiguousarray(arr))[:, None]
+    if arr.shape[1] >= size and arr.shape[2] >= size:
+        out = F.interpolate(t, size=(size, size), mode="area")
+    else:
+        out = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out[:, 0].numpy()
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Centre each row and scale it to unit L2 norm (so dot products are correlations).
+
+    Args:
+        x: ``(N, D)`` float array.
+
+    Returns:
+        ``(N, D)`` float32 array; a constant row becomes all zeros.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    x = x - x.mean(axis=1, keepdims=True)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(n, _EPS)).astype(np.float32)
+
+
+def ncc_size(resolution: int) -> int:
+    """Side of the pixel-correlation view for images of side ``resolution``."""
+    return int(min(resolution, NCC_MAX_SIZE))
+
+
+def default_max_shift(size: int) -> int:
+    """Default largest shift (pixels of the NCC view) searched: about 11% of the side."""
+    return max(1, int(round(size * 0.11)))
+
+
+def ncc_images(images: np.ndarray, smooth_sigma: float = 0.0) -> np.ndarray:
+    """The pixel view: images resized to :func:`ncc_size`, optionally Gaussian-smoothed.
+
+    Args:
+        images: ``(N, H, W)`` float images.
+        smooth_sigma: Gaussian sigma in pixels of the resized view (0: none); smoothing makes the
+            correlation robust to pixel noise.
+
+    Returns:
+        ``(N, S, S)`` float32.
+    """
+    v = resize_images(images, ncc_size(images.shape[1]))
+    if smooth_sigma > 0:
+        v = ndimage.gaussian_filter(v, sigma=(0, smooth_sigma, smooth_sigma), mode="nearest")
+    return v.astype(np.float32)
+
+
+def warp_images(images: np.ndarray, warps: Sequence[tuple[float, float]]) -> np.ndarray:
+    """Rotated and zoomed versions of images (about the centre, border pixels extended).
+
+    Args:
+        images: ``(N, S, S)`` float images.
+        warps: ``(angle_degrees, zoom)`` pairs; ``zoom > 1`` enlarges (as a crop-and-resize does).
+
+    Returns:
+        ``(N, len(warps), S, S)`` float32.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    out = []
+    for angle, zoom in warps:
+        if angle == 0 and zoom == 1:
+            out.append(t[:, 0])
+            continue
+        a = np.deg2rad(angle)
+        c, s = np.cos(a) / zoom, np.sin(a) / zoom
+        theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=torch.float32).expand(len(t), 2, 3)
+        grid = F.affine_grid(theta, list(t.shape), align_corners=False)
+        out.append(F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0])
+    return torch.stack(out, 1).numpy()
+
+
+def plain_ncc_features(images: np.ndarray) -> np.ndarray:
+    """Unshifted, unflipped correlation features of the NCC view (``(N, S*S)``, unit rows)."""
+    v = ncc_images(images)
+    return normalize_rows(v.reshape(len(v), -1))
+
+
+def coarse_features(images: np.ndarray, flip: bool = False) -> np.ndarray:
+    """Blurred low-resolution correlation features used to pick NCC candidates.
+
+    Args:
+        images: ``(N, H, W)`` float array in ``[0, 1]``.
+        flip: Mirror the images left-right first.
+
+    Returns:
+        ``(N, COARSE_SIZE**2)`` float32 rows of unit norm.
+    """
+    v = resize_images(images, COARSE_SIZE)
+    if flip:
+        v = v[:, :, ::-1]
+    return normalize_rows(v.reshape(len(v), -1))
+
+
+def reference_windows(ref_ncc: np.ndarray, max_shift: int) -> np.ndarray:
+    """Central windows of references for the shifted NCC.
+
+    Args:
+        ref_ncc: ``(N, S, S)`` pixel view of the references.
+        max_shift: Largest shift searched, in pixels.
+
+    Returns:
+        ``(N, (S-2m)**2)`` float32 unit rows, ``m = max_shift``.
+    """
+    s = ref_ncc.shape[1]
+    m = int(max_shift)
+    if s - 2 * m < 4:
+        raise ValueError(f"max_shift={max_shift} is too large for a {s}-pixel view")
+    w = ref_ncc[:, m : s - m, m : s - m]
+    return normalize_rows(w.reshape(len(w), -1))
+
+
+def query_windows(
+    query_ncc: np.ndarray,
+    max_shift: int,
+    flips: bool = True,
+    warps: Sequence[tuple[float, float]] = ((0.0, 1.0),),
+) -> np.ndarray:
+    """All shifted (and mirrored) windows of queries for the shifted NCC.
+
+    Args:
+        query_ncc: ``(Q, S, S)`` pixel view of the queries.
+        max_shift: Largest shift searched, in pixels (``(2m+1)**2`` shifts).
+        flips: Also include the left-right mirrored query.
+        warps: ``(angle_degrees, zoom)`` pairs applied before shifting (see :func:`warp_images`).
+
+    Returns:
+        ``(Q, V, (S-2m)**2)`` float32 unit rows,
+        ``V = len(warps) * (2 if flips else 1) * (2m+1)**2``.
+    """
+    s = query_ncc.shape[1]
+    m = int(max_shift)
+    c = s - 2 * m
+    warped = warp_images(query_ncc, warps)
+    variants = []
+    for w in range(warped.shape[1]):
+        variants += [warped[:, w], warped[:, w, :, ::-1]] if flips else [warped[:, w]]
+    out = []
+    for img in variants:
+        for dy in range(-m, m + 1):
+            for dx in range(-m, m + 1):
+                out.append(img[:, m + dy : m + dy + c, m + dx : m + dx + c].reshape(len(img), -1))
+    stacked = np.stack(out, axis=1)
+    q, v, d = stacked.shape
+    return normalize_rows(stacked.reshape(q * v, d)).reshape(q, v, d)
+
+
+def shifted_ncc_max(
+    query_ncc: np.ndarray,
+    ref_windows: np.ndarray,
+    candidates: np.ndarray,
+    max_shift: int,
+    flips: bool = True,
+    chunk: int = 256,
+    warps: Sequence[tuple[float, float]] = ((0.0, 1.0),),
+) -> np.ndarray:
+    """Max normalized cross-correlation over flips and shifts, for query/candidate pairs.
+
+    Args:
+        query_ncc: ``(Q, S, S)`` pixel view of the queries.
+        ref_windows: ``(N, D)`` output of :func:`reference_windows`.
+        candidates: ``(Q, C)`` int indices into the references (``-1`` = no candidate).
+        max_shift: Largest shift searched, in pixels.
+        flips: Include mirrored queries.
+        chunk: Most queries processed at once (lowered so that a block of query windows stays
+            under about 64 MiB).
+        warps: ``(angle_degrees, zoom)`` query warps searched too (rotation/crop invariance).
+
+    Returns:
+        ``(Q, C)`` float32 similarities in ``[-1, 1]`` (``-inf`` where the candidate is ``-1``).
+    """
+    q_count, c_count = candidates.shape
+    out = np.full((q_count, c_count), -np.inf, dtype=np.float32)
+    # bound the (chunk, V, D) float32 block of query windows to about 64 MiB
+    n_var = len(warps) * (2 if flips else 1) * (2 * int(max_shift) + 1) ** 2
+    chunk = int(min(chunk, max(1, (1 << 26) // (n_var * ref_windows.shape[1] * 4))))
+    refs = torch.from_numpy(ref_windows)
+    for start in range(0, q_count, chunk):
+        stop = min(start + chunk, q_count)
+        qw = torch.from_numpy(query_windows(query_ncc[start:stop], max_shift, flips, warps))  # (B, V, D)
+        cand = torch.from_numpy(candidates[start:stop].astype(np.int64))
+        valid = cand >= 0
+        gathered = refs[cand.clamp(min=0)]  # (B, C, D)
+        sims = torch.bmm(qw, gathered.transpose(1, 2)).amax(dim=1)  # (B, C)
+        sims = torch.where(valid, sims, torch.full_like(sims, -np.inf))
+        out[start:stop] = sims.numpy()
+    return out
+
+
+def phash_bits(images: np.ndarray, flip: bool = False) -> np.ndarray:
+    """64-bit perceptual hash (DCT sign against the median) of each image.
+
+    Args:
+        images: ``(N, H, W)`` float array in ``[0, 1]``.
+        flip: Mirror the images left-right first.
+
+    Returns:
+        ``(N, 64)`` uint8 array of bits (0/1).
+    """
+    v = resize_images(images, 32).astype(np.float64)
+    if flip:
+        v = v[:, :, ::-1]
+    coeffs = dctn(v, axes=(1, 2), norm="ortho")[:, :8, :8].reshape(len(v), -1)
+    med = np.median(coeffs[:, 1:], axis=1, keepdims=True)
+    return (coeffs > med).astype(np.uint8)
+
+
+def hash_features(bits: np.ndarray) -> np.ndarray:
+    """Map hash bits to ``(N, 64)`` float32 features whose dot product ``d`` gives the similarity
+    ``1 - hamming/64 = (d/64 + 1) / 2``; see :func:`hash_similarity_from_dot`."""
+    return (bits.astype(np.float32) * 2.0 - 1.0)
+
+
+def hash_similarity_from_dot(dot: np.ndarray) -> np.ndarray:
+    """Convert dot products of :func:`hash_features` rows to similarities in ``[0, 1]``."""
+    return ((np.asarray(dot, dtype=np.float32) / HASH_BITS) + 1.0) / 2.0
+
+
+def estimate_noise_sigma(images: np.ndarray) -> np.ndarray:
+    """Standard deviation of additive white noise in each image (Immerkær 1996).
+
+    The image is filtered with the Laplacian-difference kernel ``[[1,-2,1],[-2,4,-2],[1,-2,1]]``,
+    which cancels smooth structure, and ``sigma = sqrt(pi/2) * mean|response| / 6``.
+
+    Args:
+        images: ``(N, H, W)`` float images (``H, W >= 3``).
+
+    Returns:
+        ``(N,)`` float64 noise estimates, in image units.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64)
+    resp = np.stack([ndimage.correlate(im, k, mode="nearest")[1:-1, 1:-1] for im in x])
+    return np.sqrt(np.pi / 2.0) * np.abs(resp).mean(axis=(1, 2)) / 6.0
+
+
+def noise_corrected_ncc(ncc: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Correct pixel correlations for the attenuation caused by additive noise in the query.
+
+    With query ``q = x + n`` (noise variance ``sigma^2``), ``corr(q, x) = sqrt(1 - sigma^2 / var(q))``
+    at best; dividing by that factor undoes the attenuation (Spearman's correction). Clean images
+    have ``sigma`` near 0 and are barely changed.
+
+    Args:
+        ncc: ``(N, ...)`` correlations of each query image.
+        images: ``(N, H, W)`` the query images.
+
+    Returns:
+        ``(N, ...)`` corrected correlations, capped at 1.
+    """
+    sigma = estimate_noise_sigma(images)
+    var = np.asarray(images, dtype=np.float64).reshape(len(images), -1).var(axis=1)
+    factor = np.sqrt(np.clip(1.0 - sigma**2 / np.maximum(var, 1e-12), 0.05, 1.0))
+    shape = (len(images),) + (1,) * (np.ndim(ncc) - 1)
+    return np.minimum(1.0, np.asarray(ncc, dtype=np.float64) / factor.reshape(shape))
+
+
+def pair_mix_correlation(
+    query_feats: np.ndarray,
+    ref_feats: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+) -> np.ndarray:
+    """Multiple correlation of each query with the best pair of training images.
+
+    A blend ``a * x_i + b * x_j`` of two training images is a linear combination of them, so its
+    multiple correlation with ``{x_i, x_j}`` is 1, while a new image is explained only partly.
+
+    Args:
+        query_feats: ``(Q, D)`` centred unit rows (:func:`plain_ncc_features`).
+        ref_feats: ``(N, D)`` centred unit rows.
+        first: ``(Q, A)`` candidate indices of the main component.
+        second: ``(Q, B)`` candidate indices of the second component (searched with residuals).
+
+    Returns:
+        ``(Q,)`` float32: max over pairs of ``sqrt(R^2)`` of the least-squares fit of the query on the
+        pair (an unshifted pixel correlation when the pair is degenerate).
+    """
+    q = query_feats[:, None, None, :]
+    xi = ref_feats[first][:, :, None, :]  # (Q, A, 1, D)
+    xj = ref_feats[second][:, None, :, :]  # (Q, 1, B, D)
+    a = (q * xi).sum(-1)
+    b = (q * xj).sum(-1)
+    g = (xi * xj).sum(-1)  # Gram off-diagonal (diagonals are 1)
+    det = 1.0 - g**2
+    ok = det > 1e-4
+    r2 = np.where(ok, (a**2 + b**2 - 2 * a * b * g) / np.where(ok, det, 1.0), a**2)
+    r2 = np.clip(r2, 0.0, 1.0)
+    return np.sqrt(r2.reshape(len(q), -1).max(axis=1)).astype(np.float32)
+
+
+def residual_features(query_feats: np.ndarray, ref_feats: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Unit residual of each query after removing its projection on its nearest reference.
+
+    Args:
+        query_feats: ``(Q, D)`` centred unit rows.
+        ref_feats: ``(N, D)`` centred unit rows.
+        first: ``(Q,)`` index of each query's nearest reference.
+
+    Returns:
+        ``(Q, D)`` float32 unit rows (zero where the query equals its reference).
+    """
+    x = ref_feats[first]
+    r = query_feats - (query_feats * x).sum(1, keepdims=True) * x
+    n = np.linalg.norm(r, axis=1, keepdims=True)
+    return (r / np.maximum(n, _EPS)).astype(np.float32)
