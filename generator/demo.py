@@ -10,7 +10,7 @@ import numpy as np
 
 #: How ``scripts/train_demo_model.py`` makes the phantom training set of the bundled model. The demo
 #: rebuilds the same phantoms from these settings to audit samples against the training data.
-DEMO_TRAINING = {"num_images": 5000, "size": 64, "seed": 0}
+DEMO_TRAINING = {"num_images": 3000, "size": 64, "seed": 0, "guidance_scale": 3.0}
 
 
 #: Where the demo model lives inside the package.

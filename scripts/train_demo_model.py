@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=str(DEMO_MODEL_DIR), help="model folder (default: the bundled one)")
     p.add_argument("--num-images", type=int, default=DEMO_TRAINING["num_images"])
     p.add_argument("--seed", type=int, default=DEMO_TRAINING["seed"])
-    p.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
+    p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args(argv)
