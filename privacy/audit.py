@@ -121,14 +121,11 @@ class ImageVerdict:
             "privacy_p_value": _f(self.p_value),
             "privacy_alpha": self.alpha,
             "privacy_score_kind": "max over views of (similarity - threshold) / (threshold - null median)",
-            "privacy_nearest_ids": self.nearest_ids[:3],
             "privacy_reasons": list(self.reasons),
             "privacy_nn_ratio": _f(self.nn_ratio),
         }
         for view, s in self.similarity.items():
             out[f"privacy_similarity_{view}"] = _f(s)
-        if self.nearest_patient_id is not None:
-            out["privacy_nearest_patient_id"] = self.nearest_patient_id
         return out
 
 
@@ -203,8 +200,8 @@ def verdicts_from_scores(
         leak = ncc_top is not None and sim["ncc"] >= index.leak_threshold
         if leak:
             reasons.append(
-                f"pixel correlation {sim['ncc']:.4f} >= {index.leak_threshold} with training image "
-                f"{ncc_top['id']}: near-exact copy"
+                f"pixel correlation {sim['ncc']:.4f} >= {index.leak_threshold} with its nearest training "
+                "image: near-exact copy"
             )
         level = "reject" if (fused > 0 or leak) else "review" if review_margin[q] > 0 else "keep"
         if level != "keep":
@@ -212,7 +209,7 @@ def verdicts_from_scores(
             for v in cal.fused_views:
                 if sim[v] > cut[v] and neighbours[v]:
                     reasons.append(
-                        f"{v} similarity {sim[v]:.4f} to training image {neighbours[v][0]['id']} "
+                        f"{v} similarity {sim[v]:.4f} to its nearest training image "
                         f"exceeds its threshold {cut[v]:.4f} (alpha {cut_alpha:g} / {len(cal.fused_views)} views)"
                     )
         e_sims = scores.neighbours["embedding"][0][q]

@@ -145,3 +145,25 @@ def test_two_process_train_and_generate(tmp_path, square_data, tiny_text_encoder
     assert [ln["file_name"] for ln in lines] == [f"{i:06d}.png" for i in range(5)]
     assert sorted(ln["seed"] for ln in lines) == list(range(5))
     assert "2 process(es)" in r.stdout
+
+
+def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
+    phantoms = tmp_path / "phantoms"  # varied training-like data for the index
+    assert main(["phantoms", "--num-images", "40", "--size", "32", "--output", str(phantoms)]) == 0
+    idx = tmp_path / "idx"
+    assert main(["index", "--data", str(phantoms), "--output", str(idx), "--resolution", "16", "--quiet"]) == 0
+    out = tmp_path / "gated"
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "bright square", "--num-images", "3",
+                 "--steps", "2", "--output", str(out), "--privacy-index", str(idx), "--quiet"]) == 0
+    assert "resampled by the privacy gate" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) <= 3
+    for ln in lines:
+        assert ln["privacy_verdict"] in ("keep", "review")
+        assert isinstance(ln["nearest_train_similarity"], float) and "privacy_threshold" in ln
+        assert "phantom_0" not in json.dumps(ln)  # no training file name in the shareable manifest
+    idx32 = tmp_path / "idx32"
+    assert main(["index", "--data", str(phantoms), "--output", str(idx32), "--resolution", "32", "--quiet"]) == 0
+    assert main(["generate", "--model", str(tiny_model), "--prompt", "x", "--output", str(tmp_path / "o2"),
+                 "--privacy-index", str(idx32)]) == 2
+    assert "built at 32 px" in capsys.readouterr().err

@@ -66,10 +66,11 @@ def test_audit_flags_copies_and_updates_metadata(cli_index, train_images, novel_
     assert [r["file_name"] for r in rows] == names
     assert all(r["seed"] == 7 and r["sampler"] == "dpm" for r in rows)  # other fields kept
     assert [r["privacy_verdict"] for r in rows[:3]] == ["reject"] * 3
-    assert rows[0]["privacy_nearest_ids"][0] == "img_002.png"
+    assert "img_002.png" not in json.dumps(rows)  # training ids stay out of the shareable manifest
     assert sum(r["privacy_verdict"] != "keep" for r in rows[3:]) <= 1
     report = json.loads((root / "a.json").read_text())
     assert set(report) == {"images", "summary"}
+    assert report["images"][0]["neighbours"]["ncc"][0]["id"] == "img_002.png"
     assert report["summary"]["counts"]["reject"] >= 3
     assert report["summary"]["training_patients_copied"] >= 3
     assert "s0.png" in (root / "a.html").read_text()

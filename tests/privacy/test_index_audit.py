@@ -51,9 +51,11 @@ def test_summary_fields_and_per_patient_aggregation(index, train_images, novel_i
     assert s["self_test"]["identity"] == 1.0
     assert "differentially private" in s["statement"]
     fields = res.images[0].manifest_fields()
-    for key in ("nearest_train_similarity", "privacy_threshold", "privacy_verdict", "privacy_p_value",
-                "privacy_nearest_ids"):
+    for key in ("nearest_train_similarity", "privacy_threshold", "privacy_verdict", "privacy_p_value"):
         assert key in fields
+    # training identifiers never go into the shareable manifest, only into the audit JSON
+    assert "p1" not in json.dumps(fields) and res.images[0].nearest_ids[0] not in json.dumps(fields)
+    assert res.to_dict()["images"][0]["nearest_patient_id"] == "p1"
     json.dumps(res.to_dict())  # serialisable
 
 
