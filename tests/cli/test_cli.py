@@ -151,7 +151,8 @@ def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
     phantoms = tmp_path / "phantoms"  # varied training-like data for the index
     assert main(["phantoms", "--num-images", "40", "--size", "32", "--output", str(phantoms)]) == 0
     idx = tmp_path / "idx"
-    assert main(["index", "--data", str(phantoms), "--output", str(idx), "--resolution", "16", "--quiet"]) == 0
+    assert main(["index", "--data", str(phantoms), "--output", str(idx), "--resolution", "16", "--quiet",
+                 "--embedder-steps", "20"]) == 0
     out = tmp_path / "gated"
     assert main(["generate", "--model", str(tiny_model), "--prompt", "bright square", "--num-images", "3",
                  "--steps", "2", "--output", str(out), "--privacy-index", str(idx), "--quiet"]) == 0
@@ -163,7 +164,8 @@ def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
         assert isinstance(ln["nearest_train_similarity"], float) and "privacy_threshold" in ln
         assert "phantom_0" not in json.dumps(ln)  # no training file name in the shareable manifest
     idx32 = tmp_path / "idx32"
-    assert main(["index", "--data", str(phantoms), "--output", str(idx32), "--resolution", "32", "--quiet"]) == 0
+    assert main(["index", "--data", str(phantoms), "--output", str(idx32), "--resolution", "32", "--quiet",
+                 "--embedder-steps", "5"]) == 0
     assert main(["generate", "--model", str(tiny_model), "--prompt", "x", "--output", str(tmp_path / "o2"),
                  "--privacy-index", str(idx32)]) == 2
     assert "built at 32 px" in capsys.readouterr().err
