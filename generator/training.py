@@ -241,18 +241,18 @@ class Trainer:
             tqdm.write(msg)
 
     def _plan(self, stage: str, default_steps: int, start: float) -> _Plan:
-        total = default_steps if self.max_steps is None else min(default_steps, self.max_steps)
-        if self.max_steps is not None and self.max_minutes is not None:
-            total = self.max_steps  # an explicit bound wins over the preset default
+        """Steps and deadline of a stage: ``max_steps`` if given; else, under a time budget, as many
+        as the clock allows (the VAE gets ``vae_share`` of it); else the preset's default."""
+        if self.max_steps is not None:
+            total = self.max_steps
+        elif self.max_minutes is not None:
+            total = 10**7  # the clock, not the step count, ends the stage
+        else:
+            total = default_steps
         deadline = None
         if self.max_minutes is not None:
             budget = self.max_minutes * 60.0
-            if stage == "vae":
-                deadline = start + budget * self.config.vae_share
-            else:
-                deadline = self._run_start + budget
-            if self.max_steps is None:
-                total = max(total, 10**7)  # the clock, not the step count, ends the stage
+            deadline = start + budget * self.config.vae_share if stage == "vae" else self._run_start + budget
         return _Plan(total=total, deadline=deadline)
 
     # ------------------------------------------------------------------ data
@@ -296,15 +296,26 @@ class Trainer:
         self.log = _Log(self.output / "train_log.csv", self._main, self.progress)
         pixels = self._pixels()
 
-        vae = self._train_vae(pixels)
+        vae, fresh = self._train_vae(pixels)
         latents_mean, latents_std = self._cache_latents(vae, pixels)
         del pixels
+        if fresh:
+            # Scale latents to unit variance (stored in the VAE config as scaling_factor).
+            vae.register_to_config(scaling_factor=float(1.0 / latents_mean.std().clamp_min(1e-6)))
+            if self._main:
+                final = self.workspace / "vae-final"
+                vae.save_pretrained(final, safe_serialization=True)
+                (final / "radsynth_step.json").write_text(
+                    json.dumps({"step": self.result.steps["vae"], "loss": self.result.final_loss["vae"]})
+                )
+            acc.wait_for_everyone()
 
         tokenizer, text_encoder = load_text_encoder(self.text_encoder_name)
         texts, options = self._texts()
         embeds = encode_prompts(tokenizer, text_encoder, texts).to(torch.float16)
         self._say(f"encoded {len(texts)} distinct prompt texts with {type(text_encoder).__name__}")
-        unet = self._train_unet(latents_mean, latents_std, embeds, options, hidden_size(text_encoder))
+        unet = self._train_unet(latents_mean, latents_std, float(vae.config.scaling_factor), embeds, options,
+                                 hidden_size(text_encoder))
 
         if self._main:
             self._save(vae, unet, text_encoder, tokenizer)
@@ -314,7 +325,8 @@ class Trainer:
         acc.end_training()
         return self.result
 
-    def _train_vae(self, pixels: torch.Tensor) -> AutoencoderKL:
+    def _train_vae(self, pixels: torch.Tensor) -> tuple[AutoencoderKL, bool]:
+        """The trained VAE, and whether it was trained now (False: loaded from a finished stage)."""
         cfg, acc = self.config, self.accelerator
         final = self.workspace / "vae-final"
         if self.resume and (final / "config.json").is_file():
@@ -323,7 +335,7 @@ class Trainer:
             done = json.loads((final / "radsynth_step.json").read_text())
             self.result.steps["vae"] = done["step"]
             self.result.final_loss["vae"] = done["loss"]
-            return vae
+            return vae, False
         start = time.monotonic()
         torch.manual_seed(self.seed)
         vae = _VAEWithLoss(build_vae(cfg, self.resolution))
@@ -363,23 +375,13 @@ class Trainer:
         self.result.steps["vae"] = step
         self.result.final_loss["vae"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["vae"] = time.monotonic() - start
-        # Scale latents to unit variance (stored in the VAE config as scaling_factor).
-        with torch.no_grad():
-            means = torch.cat([model.encode(pixels[i : i + 64].to(acc.device)).latent_dist.mean.cpu()
-                               for i in range(0, n, 64)])
-        model.register_to_config(scaling_factor=float(1.0 / means.std().clamp_min(1e-6)))
         # Forget the VAE's prepared objects so that UNet checkpoints hold the UNet stage only.
         acc.free_memory()
-        if self._main:
-            model.save_pretrained(final, safe_serialization=True)
-            (final / "radsynth_step.json").write_text(
-                json.dumps({"step": step, "loss": self.result.final_loss["vae"]})
-            )
-        acc.wait_for_everyone()
-        return model.eval()
+        return model.eval(), True
 
     @torch.no_grad()
     def _cache_latents(self, vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of every image: two ``(N, C, h, w)`` tensors (unscaled latents)."""
         means, stds = [], []
         dev = self.accelerator.device
         for i in range(0, pixels.shape[0], 64):
@@ -392,6 +394,7 @@ class Trainer:
         self,
         latents_mean: torch.Tensor,
         latents_std: torch.Tensor,
+        scaling: float,
         embeds: torch.Tensor,
         options: list[list[int]],
         cross_dim: int,
@@ -412,7 +415,6 @@ class Trainer:
         unet, opt, sched = acc.prepare(unet, opt, sched)
         acc.register_for_checkpointing(ema)
         step = self._maybe_resume("unet", plan)
-        scaling = float(self._scaling_factor)
         n = latents_mean.shape[0]
         losses: list[float] = []
         self.log.start("unet", plan.total if plan.total < 10**7 else None, step)
@@ -465,11 +467,6 @@ class Trainer:
         self.result.final_loss["unet"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["unet"] = time.monotonic() - start
         return model.eval()
-
-    @property
-    def _scaling_factor(self) -> float:
-        cfg = json.loads((self.workspace / "vae-final" / "config.json").read_text())
-        return float(cfg["scaling_factor"])
 
     def _maybe_resume(self, stage: str, plan: _Plan) -> int:
         if not self.resume:
