@@ -13,7 +13,10 @@ Views and search:
 - ``ncc``: max pixel correlation over left-right flips, shifts up to ``max_shift`` pixels of the
   NCC view and small rotations/zooms of the query (``warps``), computed exactly against candidate
   references: the top ``candidates`` of a blurred low-resolution correlation (with and without
-  flip) and of the embedding view. With ``noise_correction`` the correlation is divided by the
+  flip) and of the embedding view; the ``refine_top`` best candidates are then re-aligned to
+  sub-pixel precision by warping the reference (:func:`privacy.views.refine_ncc`), which recovers
+  the correlation that crops resized back lose between the grid's zooms and whole-pixel shifts.
+  With ``noise_correction`` the correlation is divided by the
   attenuation that the query's estimated additive noise implies (see
   :func:`privacy.views.noise_corrected_ncc`).
 - ``phash``: perceptual-hash similarity ``1 - hamming/64``, max over the query and its mirror.
@@ -115,6 +118,9 @@ class ReferenceIndex:
         max_shift: Largest shift (pixels of the NCC view) searched.
         leak_threshold: Pixel NCC at or above which an image is a copy whatever the null says.
         candidates: Candidates per candidate view re-scored with the shifted NCC.
+        refine_top: Best candidates per query (by the grid-searched NCC) whose alignment is then
+            refined to sub-pixel precision by warping the reference (:func:`privacy.views.refine_ncc`);
+            0 turns the refinement off (indexes saved before it existed load with 0).
         holdout: Description of the held-out set (source, counts, exclusions).
         info: Free-form build information (created, versions, timings).
     """
@@ -132,6 +138,7 @@ class ReferenceIndex:
     max_shift: int = 3
     leak_threshold: float = 0.995
     candidates: int = 32
+    refine_top: int = 2
     smooth_sigma: float = 0.0
     warps: list[tuple[float, float]] = field(default_factory=lambda: list(DEFAULT_WARPS))
     noise_correction: bool = True
@@ -209,6 +216,7 @@ class ReferenceIndex:
         leak_threshold: float = 0.995,
         seed: int = 0,
         progress: bool = True,
+        refine_top: int = 2,
     ) -> "ReferenceIndex":
         """Build and calibrate an index from training images.
 
@@ -236,6 +244,8 @@ class ReferenceIndex:
             leak_threshold: Pixel correlation treated as an exact copy, in ``(0, 1]``.
             seed: Split seed.
             progress: Show progress.
+            refine_top: Candidates per query whose NCC alignment is refined (see
+                :attr:`refine_top`; 0: grid search only). Calibration uses the same setting.
 
         Raises:
             ValueError: bad arguments, a held-out set at another resolution, or an empty null.
@@ -246,6 +256,8 @@ class ReferenceIndex:
             raise ValueError(f"review_alpha must be in [alpha={alpha}, 1), got {review_alpha}")
         if not 0.0 < leak_threshold <= 1.0:
             raise ValueError(f"leak_threshold must be in (0, 1], got {leak_threshold}")
+        if int(refine_top) < 0:
+            raise ValueError(f"refine_top must be >= 0, got {refine_top}")
         images = V.check_images(images, "images")
         n = len(images)
         ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
@@ -285,6 +297,7 @@ class ReferenceIndex:
             embedder_config=embedder_config,
             progress=progress,
         )
+        cal_index.refine_top = int(refine_top)
         # 2. held-out images that are not independent of the references are left out of the null
         train_patients = {pids[i] for i in ref_idx if pids[i] is not None}
         same_patient = [j for j, p in enumerate(h_pids) if p is not None and p in train_patients]
@@ -306,6 +319,7 @@ class ReferenceIndex:
         else:
             index = cls.from_images(images, ids, pids, embedder=cal_index.embedder, progress=progress)
             index.max_shift = cal_index.max_shift
+            index.refine_top = cal_index.refine_top
         index.calibration = calibration
         index.alpha = float(alpha)
         index.review_alpha = float(review_alpha)
@@ -421,10 +435,26 @@ class ReferenceIndex:
         ]
         cand_all = np.concatenate(cand + [i1, i2], axis=1)
         cand_all = _unique_rows(cand_all)
-        sims = V.shifted_ncc_max(
-            V.ncc_images(images, self.smooth_sigma), self._ref_windows(), cand_all, self.max_shift,
-            flips=True, warps=self.warps,
+        query_ncc = V.ncc_images(images, self.smooth_sigma)
+        sims, variant = V.shifted_ncc_max(
+            query_ncc, self._ref_windows(), cand_all, self.max_shift,
+            flips=True, warps=self.warps, return_argmax=True,
         )
+        if self.refine_top > 0:
+            # sub-pixel refinement of the best few alignments, warping the (clean) reference
+            top = np.argsort(-sims, axis=1, kind="stable")[:, : self.refine_top]
+            rows = np.repeat(np.arange(len(images)), top.shape[1])
+            cols = top.ravel()
+            ok = cand_all[rows, cols] >= 0
+            rows, cols = rows[ok], cols[ok]
+            init = V.decode_variant(variant[rows, cols], self.max_shift, True, self.warps)
+            # pixel views of the few references involved only (no full-size cache)
+            used, ref_pos = np.unique(cand_all[rows, cols], return_inverse=True)
+            refined, _ = V.refine_ncc(
+                query_ncc, V.ncc_images(self.images[used], self.smooth_sigma), rows, ref_pos.ravel(),
+                init, self.max_shift,
+            )
+            sims[rows, cols] = np.maximum(sims[rows, cols], refined)
         if self.noise_correction:
             sims = V.noise_corrected_ncc(sims, images).astype(np.float32)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :kk]
@@ -496,6 +526,7 @@ class ReferenceIndex:
                 "ncc_size": self.ncc_size,
                 "leak_threshold": self.leak_threshold,
                 "candidates": self.candidates,
+                "refine_top": self.refine_top,
                 "smooth_sigma": self.smooth_sigma,
                 "warps": [list(w) for w in self.warps],
                 "noise_correction": self.noise_correction,
@@ -570,6 +601,7 @@ class ReferenceIndex:
             max_shift=int(meta["max_shift"]),
             leak_threshold=float(meta["leak_threshold"]),
             candidates=int(meta["candidates"]),
+            refine_top=int(meta.get("refine_top", 0)),
             smooth_sigma=float(meta.get("smooth_sigma", 0.0)),
             warps=[(float(a), float(z)) for a, z in meta.get("warps", [[0.0, 1.0]])],
             noise_correction=bool(meta.get("noise_correction", False)),

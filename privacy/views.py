@@ -7,6 +7,8 @@ convention) and returns features whose inner products are similarities:
   centred and scaled to unit norm, so a dot product is the Pearson correlation in ``[-1, 1]``.
   :func:`shifted_ncc_max` takes the maximum over horizontal flips and shifts of up to ``max_shift``
   pixels, comparing the query's shifted window with the reference's central window.
+  :func:`refine_ncc` then refines the best alignments to sub-pixel precision by warping the
+  reference forward (scale, rotation, translation), as a crop-and-resize or rotation made the copy.
 - perceptual hash (pHash): sign of the low-frequency 2D DCT block against its median, 64 bits; the
   similarity ``1 - hamming / 64`` lies in ``[0, 1]``.
 
@@ -231,7 +233,8 @@ def shifted_ncc_max(
     flips: bool = True,
     chunk: int = 256,
     warps: Sequence[tuple[float, float]] = ((0.0, 1.0),),
-) -> np.ndarray:
+    return_argmax: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Max normalized cross-correlation over flips and shifts, for query/candidate pairs.
 
     Args:
@@ -244,11 +247,16 @@ def shifted_ncc_max(
             under about 64 MiB).
         warps: ``(angle_degrees, zoom)`` query warps searched too (rotation/crop invariance).
 
+        return_argmax: Also return, per pair, the index of the best query variant (decode it with
+            :func:`decode_variant`).
+
     Returns:
-        ``(Q, C)`` float32 similarities in ``[-1, 1]`` (``-inf`` where the candidate is ``-1``).
+        ``(Q, C)`` float32 similarities in ``[-1, 1]`` (``-inf`` where the candidate is ``-1``);
+        with ``return_argmax``, a tuple of those and the ``(Q, C)`` int64 best variant indices.
     """
     q_count, c_count = candidates.shape
     out = np.full((q_count, c_count), -np.inf, dtype=np.float32)
+    arg = np.zeros((q_count, c_count), dtype=np.int64)
     # bound the (chunk, V, D) float32 block of query windows to about 64 MiB
     n_var = len(warps) * (2 if flips else 1) * (2 * int(max_shift) + 1) ** 2
     chunk = int(min(chunk, max(1, (1 << 26) // (n_var * ref_windows.shape[1] * 4))))
@@ -259,10 +267,170 @@ def shifted_ncc_max(
         cand = torch.from_numpy(candidates[start:stop].astype(np.int64))
         valid = cand >= 0
         gathered = refs[cand.clamp(min=0)]  # (B, C, D)
-        sims = torch.bmm(qw, gathered.transpose(1, 2)).amax(dim=1)  # (B, C)
+        sims, best = torch.bmm(qw, gathered.transpose(1, 2)).max(dim=1)  # (B, C)
         sims = torch.where(valid, sims, torch.full_like(sims, -np.inf))
         out[start:stop] = sims.numpy()
-    return out
+        arg[start:stop] = best.numpy()
+    return (out, arg) if return_argmax else out
+
+
+def decode_variant(
+    variant: np.ndarray, max_shift: int, flips: bool, warps: Sequence[tuple[float, float]]
+) -> np.ndarray:
+    """Query-to-reference alignment of the best variants found by :func:`shifted_ncc_max`.
+
+    Variant ``v`` warped the query by ``(angle a, zoom z)``, possibly mirrored it, and matched its
+    window shifted by ``d = (dy, dx)`` to the reference's central window, i.e.
+    ``query(p) ~ ref(z R(-a) (p - c) + c - d)`` (for a mirrored variant, against the mirrored
+    reference and with ``dx`` negated). This returns that forward alignment in the form used by
+    :func:`refine_ncc`.
+
+    Args:
+        variant: ``(P,)`` int variant indices.
+        max_shift: Shift range used by the search.
+        flips: Whether the search included mirrored variants.
+        warps: The search's ``(angle_degrees, zoom)`` warps.
+
+    Returns:
+        ``(P, 5)`` float64 rows ``(flip, scale, angle_degrees, ty, tx)``; ``flip`` is 0 or 1,
+        ``ty, tx`` are in pixels of the NCC view.
+    """
+    n_shift = 2 * int(max_shift) + 1
+    n_flip = 2 if flips else 1
+    v = np.asarray(variant, dtype=np.int64)
+    dx = v % n_shift - max_shift
+    dy = (v // n_shift) % n_shift - max_shift
+    flip = (v // (n_shift * n_shift)) % n_flip
+    w = v // (n_shift * n_shift * n_flip)
+    wa = np.asarray(warps, dtype=np.float64).reshape(-1, 2)
+    angle, zoom = wa[w, 0], wa[w, 1]
+    dx = np.where(flip == 1, -dx, dx)
+    return np.stack([flip.astype(np.float64), zoom, -angle, -dy.astype(np.float64), -dx.astype(np.float64)], 1)
+
+
+#: Pattern-search rounds of :func:`refine_ncc`: steps of (scale, angle in degrees, shift in pixels).
+REFINE_STEPS = ((0.02, 2.0, 0.5), (0.01, 1.0, 0.25), (0.005, 0.5, 0.125))
+
+
+def _window_grid(size: int, max_shift: int) -> torch.Tensor:
+    """``(c*c, 2)`` centred pixel coordinates ``(x, y)`` of the central window (``c = S - 2m``)."""
+    m = int(max_shift)
+    ctr = (size - 1) / 2.0
+    idx = torch.arange(m, size - m, dtype=torch.float32) - ctr
+    yy, xx = torch.meshgrid(idx, idx, indexing="ij")
+    return torch.stack([xx.reshape(-1), yy.reshape(-1)], 1)
+
+
+def refine_ncc(
+    query_ncc: np.ndarray,
+    ref_ncc: np.ndarray,
+    query_idx: np.ndarray,
+    ref_idx: np.ndarray,
+    init: np.ndarray,
+    max_shift: int,
+    steps: Sequence[tuple[float, float, float]] = REFINE_STEPS,
+    chunk: int = 128,
+    clip_eps: float = 1e-3,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-pixel alignment of references onto queries, for a few query/reference pairs.
+
+    The grid search of :func:`shifted_ncc_max` warps the *query* and matches whole-pixel shifts;
+    a crop resized back (or a rotation) between grid points then loses correlation twice, to the
+    misalignment and to the blur of re-interpolating an interpolated image. Here the *reference*
+    (clean) is warped forward instead, ``warped(p) = ref(s R(theta) (p - c) + c + t)`` (bilinear,
+    border extended), which is how the copy itself was made, and ``(s, theta, ty, tx)`` is refined
+    by a pattern search from ``init``: each round tries every combination of ``-step, 0, +step``
+    per parameter (81 alignments) and keeps the best, then the steps shrink (``steps``). The
+    correlation is taken over the query's central ``(S - 2m)**2`` window, as in the grid search,
+    leaving out the query's clipped pixels (within ``clip_eps`` of 0 or 1): a brightness or contrast
+    change that saturates part of a copy destroys those pixels' information, not the rest's. When
+    more than half of the window is clipped, every pixel counts.
+
+    Args:
+        query_ncc: ``(Q, S, S)`` pixel view of the queries.
+        ref_ncc: ``(N, S, S)`` pixel view of the references.
+        query_idx: ``(P,)`` query index of each pair.
+        ref_idx: ``(P,)`` reference index of each pair.
+        init: ``(P, 5)`` starting alignments ``(flip, scale, angle_degrees, ty, tx)``
+            (:func:`decode_variant`); ``flip = 1`` mirrors the reference first.
+        max_shift: Border excluded from the compared window, in pixels.
+        steps: Pattern-search step sizes per round.
+        chunk: Pairs processed at once.
+        clip_eps: Query pixels at most this far from 0 or 1 count as clipped (negative: none).
+
+    Returns:
+        ``(sims, params)``: ``(P,)`` float32 best correlations in ``[-1, 1]`` (never below the
+        correlation at ``init``) and ``(P, 5)`` float64 refined alignments.
+
+    Raises:
+        ValueError: mismatched pair arrays or an ``init`` that is not ``(P, 5)``.
+    """
+    qi = np.asarray(query_idx, dtype=np.int64).ravel()
+    ri = np.asarray(ref_idx, dtype=np.int64).ravel()
+    init = np.asarray(init, dtype=np.float64)
+    if len(qi) != len(ri):
+        raise ValueError(f"query_idx ({len(qi)}) and ref_idx ({len(ri)}) must have equal lengths")
+    if init.shape != (len(qi), 5):
+        raise ValueError(f"init must have shape ({len(qi)}, 5), got {init.shape}")
+    size = query_ncc.shape[1]
+    m = int(max_shift)
+    if size - 2 * m < 4:
+        raise ValueError(f"max_shift={max_shift} is too large for a {size}-pixel view")
+    sims_out = np.full(len(qi), -np.inf, dtype=np.float32)
+    params_out = init.copy()
+    if len(qi) == 0:
+        return sims_out, params_out
+    base = _window_grid(size, m)  # (D, 2) centred (x, y)
+    half = size / 2.0
+    qraw = torch.from_numpy(
+        np.ascontiguousarray(query_ncc[:, m : size - m, m : size - m], dtype=np.float32).reshape(len(query_ncc), -1)
+    )
+    # weights: 1 on unclipped query pixels (all pixels when most are clipped)
+    wts = ((qraw > clip_eps) & (qraw < 1.0 - clip_eps)).float()
+    wts = torch.where(wts.mean(1, keepdim=True) > 0.5, wts, torch.ones_like(wts))
+    qc = wts * (qraw - (wts * qraw).sum(1, keepdim=True) / wts.sum(1, keepdim=True))
+    qwin = qc / qc.norm(dim=1, keepdim=True).clamp(min=_EPS)  # weighted-centred unit rows
+    deltas = np.array(np.meshgrid(*([[-1.0, 0.0, 1.0]] * 4), indexing="ij")).reshape(4, -1).T  # (81, 4)
+    zero = int(np.flatnonzero((deltas == 0).all(1))[0])
+    for start in range(0, len(qi), chunk):
+        sl = slice(start, min(start + chunk, len(qi)))
+        b = sl.stop - sl.start
+        refs = torch.from_numpy(np.ascontiguousarray(ref_ncc[ri[sl]], dtype=np.float32))
+        flip = torch.from_numpy(init[sl, 0] > 0.5)
+        refs = torch.where(flip[:, None, None], refs.flip(-1), refs)[:, None]  # (B, 1, S, S)
+        q = qwin[torch.from_numpy(qi[sl])]  # (B, D)
+        w = wts[torch.from_numpy(qi[sl])][:, None, :]  # (B, 1, D)
+        cur = torch.from_numpy(init[sl, 1:].copy())  # (B, 4) scale, angle, ty, tx
+        best = torch.full((b,), -float("inf"), dtype=torch.float64)
+        for ds, da, dt in steps:
+            trial = cur[:, None, :] + torch.from_numpy(deltas * np.array([ds, da, dt, dt]))[None]  # (B, K, 4)
+            k = trial.shape[1]
+            s, a = trial[..., 0].float(), torch.deg2rad(trial[..., 1]).float()
+            ty, tx = trial[..., 2].float(), trial[..., 3].float()
+            cos, sin = s * torch.cos(a), s * torch.sin(a)
+            x, y = base[:, 0], base[:, 1]  # (D,)
+            # input pixel (centred) = s R (p - c) + t; normalised by S/2 for grid_sample
+            gx = (cos[..., None] * x - sin[..., None] * y + tx[..., None]) / half
+            gy = (sin[..., None] * x + cos[..., None] * y + ty[..., None]) / half
+            grid = torch.stack([gx, gy], -1).reshape(b, k * len(base), 1, 2)
+            warped = torch.nn.functional.grid_sample(
+                refs, grid, mode="bilinear", padding_mode="border", align_corners=False
+            ).reshape(b, k, -1)  # (B, K, D)
+            # weighted Pearson correlation (q is weighted-centred, so only the norm of the
+            # weighted-centred reference is needed)
+            warped = warped - (w * warped).sum(-1, keepdim=True) / w.sum(-1, keepdim=True)
+            norm = (w * warped * warped).sum(-1).clamp(min=_EPS * _EPS).sqrt()
+            corr = ((warped * q[:, None, :]).sum(-1) / norm).double()  # (B, K)
+            val, arg = corr.max(1)
+            # keep the current alignment on ties (stable), move only on a strict improvement
+            stay = corr[:, zero] >= val
+            arg = torch.where(stay, torch.full_like(arg, zero), arg)
+            val = torch.where(stay, corr[:, zero], val)
+            cur = trial[torch.arange(b), arg]
+            best = torch.maximum(best, val)
+        sims_out[sl] = best.float().numpy()
+        params_out[sl, 1:] = cur.numpy()
+    return sims_out, params_out
 
 
 def phash_bits(images: np.ndarray, flip: bool = False) -> np.ndarray:

@@ -121,6 +121,7 @@ def detection(args: argparse.Namespace) -> dict:
         alpha=args.alpha,
         embedder_config=EmbedderConfig(steps=args.steps, seed=args.seed),
         progress=not args.quiet,
+        refine_top=args.refine_top,
     )
     t_build = time.perf_counter() - t0
     cal = index.calibration
@@ -134,7 +135,17 @@ def detection(args: argparse.Namespace) -> dict:
         )
         return out
 
-    neg = decisions(index.score(val[meas_idx]))
+    t_query, n_query = 0.0, 0
+
+    def timed_score(images: np.ndarray):
+        nonlocal t_query, n_query
+        t = time.perf_counter()
+        scores = index.score(images)
+        t_query += time.perf_counter() - t
+        n_query += len(images)
+        return scores
+
+    neg = decisions(timed_score(val[meas_idx]))
     meas_dup = near_dup[meas_idx]
     columns = list(VIEW_NAMES) + ["combined"]
     fpr_all = {c: float(neg[c].mean()) for c in columns}
@@ -145,7 +156,7 @@ def detection(args: argparse.Namespace) -> dict:
         src = rng.choice(len(train), size=min(args.positives, len(train)), replace=False)
         others = (src + rng.integers(1, len(train), size=len(src))) % len(train)
         pos = np.stack([apply_transform(name, train[i], train[j], rng) for i, j in zip(src, others)])
-        dec = decisions(index.score(pos))
+        dec = decisions(timed_score(pos))
         tpr[name] = {c: float(dec[c].mean()) for c in columns}
         if not args.quiet:
             print(f"{name:20s} " + " ".join(f"{c}={tpr[name][c]:.3f}" for c in columns), flush=True)
@@ -167,6 +178,8 @@ def detection(args: argparse.Namespace) -> dict:
         "false_positive_ids": [f"val/{meas_idx[j]}" for j in np.flatnonzero(neg["combined"])],
         "seconds": round(time.perf_counter() - t0, 1),
         "seconds_build": round(t_build, 1),
+        "refine_top": index.refine_top,
+        "ms_per_query": round(1000.0 * t_query / max(n_query, 1), 2),
     }
 
 
@@ -240,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positives", type=int, default=400, help="positives per transform")
     p.add_argument("--steps", type=int, default=400, help="embedder training steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine-top", type=int, default=2, help="NCC candidates per query refined to "
+                   "sub-pixel alignment (0: grid search only, the behaviour before the refinement)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice; 1 is fastest "

@@ -93,7 +93,9 @@ def test_save_load_roundtrip_and_errors(index, tmp_path, novel_images):
     assert meta["contains_training_data"] is True
     assert meta["alpha"] == 0.05 and meta["resolution"] == 24
     assert len(meta["calibration"]["null"]["ncc"]) == index.calibration.n
+    assert meta["refine_top"] == index.refine_top > 0
     loaded = ReferenceIndex.load(out)
+    assert loaded.refine_top == index.refine_top
     a = index.score(novel_images)
     b = loaded.score(novel_images)
     np.testing.assert_allclose(a.fused, b.fused, atol=1e-3)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from privacy import views as V
 from privacy.search import exact_topk, faiss_available, topk_search
@@ -61,3 +62,62 @@ def test_check_images_rejects_bad_input():
         V.check_images(np.zeros((4, 4)))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         V.check_images(np.full((1, 4, 4), 3.0))
+
+
+def _crop_resize(img: np.ndarray, c: int, y0: int, x0: int) -> np.ndarray:
+    """Crop ``c`` pixels at ``(y0, x0)`` and resize back bilinearly (pixel-centre aligned)."""
+    s = c / img.shape[0]
+    off = (y0 - 0.5 + 0.5 * s, x0 - 0.5 + 0.5 * s)
+    return ndimage.affine_transform(img, (s, s), offset=off, order=1, mode="nearest")
+
+
+def test_decode_variant_inverts_the_variant_order():
+    warps = ((0.0, 1.0), (6.0, 0.9))
+    m = 2
+    n = 2 * m + 1
+    # warp 1, mirrored, dy = -1, dx = +2
+    v = ((1 * 2 + 1) * n + (-1 + m)) * n + (2 + m)
+    row = V.decode_variant(np.array([v]), m, True, warps)[0]
+    np.testing.assert_allclose(row, [1.0, 0.9, -6.0, 1.0, 2.0])
+
+
+def test_refine_ncc_aligns_crops_and_rotations_to_subpixel(make_images):
+    imgs = make_images(4, size=28, seed=7)
+    warps = tuple((float(a), float(z)) for a in (-6, 0, 6) for z in (1.0, 0.9))
+    queries = np.stack([
+        _crop_resize(imgs[0], 26, 0, 2),  # zoom 28/26 between grid points, half-pixel offset
+        _crop_resize(imgs[1], 25, 3, 1)[:, ::-1],  # and mirrored
+        ndimage.rotate(imgs[2], 7.0, reshape=False, order=1, mode="nearest"),
+    ]).astype(np.float32)
+    m = 3
+    q_ncc, r_ncc = V.ncc_images(queries), V.ncc_images(imgs)
+    cand = np.arange(3)[:, None]
+    grid, variant = V.shifted_ncc_max(q_ncc, V.reference_windows(r_ncc, m), cand, m, warps=warps, return_argmax=True)
+    init = V.decode_variant(variant[:, 0], m, True, warps)
+    assert (init[:, 0] == [0, 1, 0]).all()  # the mirror was found by the grid search
+    sims, params = V.refine_ncc(q_ncc, r_ncc, np.arange(3), np.arange(3), init, m)
+    assert (sims >= grid[:, 0] - 1e-6).all()
+    assert (sims > 0.999).all()
+    np.testing.assert_allclose(params[:2, 1], [26 / 28, 25 / 28], atol=0.01)
+    assert abs(params[2, 2]) == pytest.approx(7.0, abs=0.75)
+    # a different reference stays far from a copy
+    other, _ = V.refine_ncc(q_ncc, r_ncc, np.arange(3), np.array([3, 3, 3]), init, m)
+    assert (other < 0.99).all()
+    with pytest.raises(ValueError, match="init"):
+        V.refine_ncc(q_ncc, r_ncc, np.arange(3), np.arange(3), init[:, :4], m)
+    with pytest.raises(ValueError, match="query_idx"):
+        V.refine_ncc(q_ncc, r_ncc, np.arange(2), np.arange(3), init, m)
+
+
+def test_refine_ncc_ignores_clipped_pixels(make_images):
+    imgs = make_images(2, size=28, seed=9)
+    bright = np.clip(imgs[:1] * 1.4, 0, 1).astype(np.float32)  # saturates the brightest blobs
+    assert (bright >= 1.0).mean() > 0.01
+    m = 3
+    q_ncc, r_ncc = V.ncc_images(bright), V.ncc_images(imgs)
+    plain = V.shifted_ncc_max(q_ncc, V.reference_windows(r_ncc, m), np.array([[0]]), m)[0, 0]
+    init = np.array([[0.0, 1.0, 0.0, 0.0, 0.0]])
+    masked, _ = V.refine_ncc(q_ncc, r_ncc, np.array([0]), np.array([0]), init, m)
+    unmasked, _ = V.refine_ncc(q_ncc, r_ncc, np.array([0]), np.array([0]), init, m, clip_eps=-1.0)
+    assert masked[0] == pytest.approx(1.0, abs=1e-4)
+    assert unmasked[0] == pytest.approx(plain, abs=1e-3) and plain < 0.999
