@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
               "were added back to the references after calibration)")
     print(f"  null from {h['n_null']} held-out images; excluded: {len(h['excluded_same_patient'])} "
           f"sharing a patient with training, {len(h['excluded_duplicates'])} near-duplicates of a training image")
+    if h.get("self_similar_data"):
+        print(f"  the data is self-similar: most held-out images correlate >= 0.995 with some training image, "
+              f"so none was treated as a leaked duplicate; the exact-copy rule now needs pixel correlation "
+              f">= {h['leak_threshold']:.4f}")
     if not h["alpha_resolvable"]:
         print(f"  warning: {h['n_null']} held-out images cannot resolve alpha={args.alpha} "
               f"(needs >= {int(round(1 / args.alpha)) - 1}); the largest null value is the threshold",

@@ -148,3 +148,24 @@ def test_report_json_and_html(index, train_images, novel_images, tmp_path):
     assert first["neighbours"]["ncc"][0]["id"] == "train/3.png"
     html = render_html(res, index, imgs)
     assert "c0.png" in html and "data:image/png;base64," in html and "train/3.png" in html
+
+
+def test_self_similar_data_keeps_the_null_and_raises_the_copy_rule():
+    """Homogeneous images (every held-out image correlates >= 0.995 with training) are not 'leaks'."""
+    from privacy.embedding import EmbedderConfig
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:24, 0:24] / 23.0
+    base = (0.3 + 0.5 * np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.08)).astype(np.float32)
+
+    def make(n):
+        return np.clip(base[None] + rng.normal(0, 0.004, (n, 24, 24)), 0, 1).astype(np.float32)
+
+    train, hold = make(40), make(30)
+    idx = ReferenceIndex.build(train, holdout_images=hold, embedder_config=EmbedderConfig(steps=3, batch_size=16,
+                               width=8, bf16=False), progress=False)
+    assert idx.holdout["self_similar_data"] is True
+    assert idx.holdout["excluded_duplicates"] == [] and idx.holdout["n_null"] == 30
+    assert idx.leak_threshold > 0.995
+    copy = train[:1].copy()
+    assert audit_images(idx, copy, self_test=False).images[0].verdict == "reject"
