@@ -5,7 +5,7 @@ says how it was made.
 
 - ``tiny``: a few thousand parameters; for tests and smoke runs (seconds on a CPU).
 - ``small``: trains usefully on 2 CPU cores in 20 minutes (64 px -> 16x16x4 latents).
-- ``base``: what a GPU user starts with (256 px -> 32x32x4 latents, ~100M-parameter UNet).
+- ``base``: what a GPU user starts with (256 px -> 32x32x4 latents, a 164M-parameter UNet).
 """
 
 from __future__ import annotations
