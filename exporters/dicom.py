@@ -31,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID
 from pydicom.valuerep import DS
 
 from exporters.files import atomic_write, check_target
-from exporters.geometry import AXIAL, Geometry, image_geometry, validate_pixel_spacing
+from exporters.geometry import AXIAL, Geometry, image_slab, validate_pixel_spacing, volume_slab
 from exporters.identity import SyntheticPatient
 from exporters.intensity import PixelEncoding
 from exporters.provenance import Provenance
@@ -224,14 +224,9 @@ class DicomExporter:
             ValueError: bad image or metadata.
             FileExistsError: the target exists and ``overwrite`` is false.
         """
-        arr = np.asarray(image)
-        if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
-            arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
-        if arr.ndim != 2 or min(arr.shape) < 1:
-            raise ValueError(f"image shape {np.shape(image)}: expected (H, W)")
         prov = Provenance.from_metadata(metadata)
-        geometry = image_geometry(arr.shape, self.modality, prov.attributes.get("view"), self.pixel_spacing)
-        return self._write_series(arr[None], geometry, prov, volume_mode=False)
+        slab, geometry = image_slab(image, self.modality, prov.attributes.get("view"), self.pixel_spacing)
+        return self._write_series(slab, geometry, prov, volume_mode=False)
 
     def add_volume(
         self,
@@ -261,14 +256,8 @@ class DicomExporter:
         """
         if self.modality not in ("CT", "MR"):
             raise ValueError(f"volumes need modality 'CT' or 'MR'; this exporter has modality={self.modality!r}")
-        arr = np.asarray(volume)
-        if arr.ndim != 3 or min(arr.shape) < 1:
-            raise ValueError(f"volume shape {arr.shape}: expected (slices, rows, columns)")
+        arr, geometry = volume_slab(volume, spacing, orientation, origin)
         prov = Provenance.from_metadata(metadata)
-        if origin is None:
-            geometry = Geometry.centred(arr.shape, spacing, orientation)
-        else:
-            geometry = Geometry(arr.shape, tuple(spacing), tuple(orientation), tuple(origin))
         return self._write_series(arr, geometry, prov, volume_mode=True)
 
     def patient_for(self, metadata: Mapping[str, Any]) -> SyntheticPatient:

@@ -186,3 +186,41 @@ def image_geometry(
     rows, cols = (int(s) for s in shape)
     spacing = validate_pixel_spacing(pixel_spacing) or (DEFAULT_FIELD_OF_VIEW_MM.get(modality, 430.0) / cols,) * 2
     return Geometry.centred((1, rows, cols), (spacing[0], spacing[0], spacing[1]), plane_for_view(modality, view))
+
+
+def image_slab(
+    image: np.ndarray, modality: str, view: str | None = None, pixel_spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """A 2D image as a ``(1, H, W)`` slab with its one-slice geometry (see :func:`image_geometry`).
+
+    Args:
+        image: ``(H, W)`` array, or ``(1, H, W)`` / ``(H, W, 1)``.
+
+    Raises:
+        ValueError: any other shape.
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
+    if arr.ndim != 2 or min(arr.shape) < 1:
+        raise ValueError(f"image shape {np.shape(image)}: expected (H, W)")
+    return arr[None], image_geometry(arr.shape, modality, view, pixel_spacing)
+
+
+def volume_slab(
+    volume: np.ndarray,
+    spacing: Sequence[float],
+    orientation: Sequence[float] = AXIAL,
+    origin: Sequence[float] | None = None,
+) -> tuple[np.ndarray, Geometry]:
+    """A ``(slices, rows, columns)`` volume with its geometry; ``origin=None`` centres it at 0.
+
+    Raises:
+        ValueError: not a non-empty 3D array, or bad geometry.
+    """
+    arr = np.asarray(volume)
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise ValueError(f"volume shape {arr.shape}: expected (slices, rows, columns)")
+    if origin is None:
+        return arr, Geometry.centred(arr.shape, spacing, orientation)
+    return arr, Geometry(arr.shape, tuple(spacing), tuple(orientation), tuple(origin))

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from exporters.files import atomic_write_bytes, check_target
-from exporters.geometry import AXIAL, Geometry, image_geometry, validate_pixel_spacing
+from exporters.geometry import AXIAL, Geometry, image_slab, validate_pixel_spacing, volume_slab
 from exporters.identity import SyntheticPatient
 from exporters.intensity import PixelEncoding
 from exporters.provenance import Provenance
@@ -123,14 +123,9 @@ class NiftiExporter:
             ValueError: bad image or metadata.
             FileExistsError: a target exists and ``overwrite`` is false.
         """
-        arr = np.asarray(image)
-        if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
-            arr = arr.reshape(arr.shape[1:] if arr.shape[0] == 1 else arr.shape[:-1])
-        if arr.ndim != 2 or min(arr.shape) < 1:
-            raise ValueError(f"image shape {np.shape(image)}: expected (H, W)")
         prov = Provenance.from_metadata(metadata)
-        geometry = image_geometry(arr.shape, self.modality, prov.attributes.get("view"), self.pixel_spacing)
-        return self._write(arr[None], geometry, prov)
+        slab, geometry = image_slab(image, self.modality, prov.attributes.get("view"), self.pixel_spacing)
+        return self._write(slab, geometry, prov)
 
     def add_volume(
         self,
@@ -153,14 +148,8 @@ class NiftiExporter:
         Returns:
             ``[image path, sidecar path]``.
         """
-        arr = np.asarray(volume)
-        if arr.ndim != 3 or min(arr.shape) < 1:
-            raise ValueError(f"volume shape {arr.shape}: expected (slices, rows, columns)")
+        arr, geometry = volume_slab(volume, spacing, orientation, origin)
         prov = Provenance.from_metadata(metadata)
-        if origin is None:
-            geometry = Geometry.centred(arr.shape, spacing, orientation)
-        else:
-            geometry = Geometry(arr.shape, tuple(spacing), tuple(orientation), tuple(origin))
         return self._write(arr, geometry, prov)
 
     # -- internals ------------------------------------------------------------------------------
