@@ -66,6 +66,21 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' own loading bars and advisory warnings out of RadSynth's output
+    (their errors still show); RadSynth prints its own progress."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``radsynth`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -80,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if verb is None:
         parser.print_help()
         return 0
+    _quiet_libraries()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
