@@ -13,7 +13,13 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+
+def did_you_mean(value: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest option to a misspelled ``value``, else ``""``."""
+    close = difflib.get_close_matches(value, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -126,9 +132,7 @@ class TrainConfig:
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key not in names:
-                close = difflib.get_close_matches(key, list(names), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown training option {key!r}{hint}")
+                raise ValueError(f"unknown training option {key!r}{did_you_mean(key, names)}")
             kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
@@ -180,9 +184,7 @@ def get_preset(name: str, **overrides: Any) -> TrainConfig:
         ValueError: unknown preset (with a "did you mean") or unknown field.
     """
     if name not in PRESETS:
-        close = difflib.get_close_matches(name, list(PRESETS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}{hint}")
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}{did_you_mean(name, PRESETS)}")
     base = PRESETS[name]
     if not overrides:
         return base

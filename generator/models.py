@@ -6,8 +6,6 @@ The VAE is a single-channel ``diffusers.AutoencoderKL``; the denoiser a
 
 from __future__ import annotations
 
-import difflib
-
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -18,7 +16,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from generator.config import TrainConfig
+from generator.config import TrainConfig, did_you_mean
 
 #: Sampler names accepted by ``radsynth generate --sampler``.
 SAMPLERS = {
@@ -85,9 +83,7 @@ def make_sampler(name: str, base: SchedulerMixin) -> SchedulerMixin:
         ValueError: unknown sampler name, with a "did you mean".
     """
     if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, list(SAMPLERS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}{hint}")
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}{did_you_mean(name, SAMPLERS)}")
     cls = SAMPLERS[name]
     extra = {}
     if name == "dpm":

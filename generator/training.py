@@ -339,19 +339,11 @@ class Trainer:
         start = time.monotonic()
         torch.manual_seed(self.seed)
         vae = _VAEWithLoss(build_vae(cfg, self.resolution))
-        plan = self._plan("vae", cfg.vae_steps, start)
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, cfg.warmup_steps))
-        vae, opt, sched = acc.prepare(vae, opt, sched)
-        step = self._maybe_resume("vae", plan)
+        vae, opt, sched, plan, step = self._start_stage("vae", vae, cfg.vae_lr, 1e-4, cfg.vae_steps, start)
         n = pixels.shape[0]
         losses: list[float] = []
-        self.log.start("vae", plan.total if plan.total < 10**7 else None, step)
         t0, s0 = time.monotonic(), step
-        while step < plan.total:
-            if plan.deadline is not None and step > s0 and time.monotonic() >= plan.deadline:
-                self._say(f"VAE stage reached its time budget at step {step}")
-                break
+        while step < plan.total and not self._out_of_time("vae", plan, step, s0):
             g = _step_generator(self.seed, "vae", step, acc.process_index)
             idx = torch.randint(0, n, (cfg.vae_batch_size,), generator=g)
             x = pixels[idx].to(acc.device)
@@ -409,20 +401,13 @@ class Trainer:
         )
         noise_sched = build_noise_scheduler(cfg)
         self._noise_sched = noise_sched
-        plan = self._plan("unet", cfg.unet_steps, start)
-        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=1e-2)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, cfg.warmup_steps))
-        unet, opt, sched = acc.prepare(unet, opt, sched)
-        acc.register_for_checkpointing(ema)
-        step = self._maybe_resume("unet", plan)
+        unet, opt, sched, plan, step = self._start_stage(
+            "unet", unet, cfg.unet_lr, 1e-2, cfg.unet_steps, start, checkpoint_also=ema
+        )
         n = latents_mean.shape[0]
         losses: list[float] = []
-        self.log.start("unet", plan.total if plan.total < 10**7 else None, step)
         t0, s0 = time.monotonic(), step
-        while step < plan.total:
-            if plan.deadline is not None and step > s0 and time.monotonic() >= plan.deadline:
-                self._say(f"UNet stage reached the time budget at step {step}")
-                break
+        while step < plan.total and not self._out_of_time("unet", plan, step, s0):
             g = _step_generator(self.seed, "unet", step, acc.process_index)
             b = cfg.unet_batch_size
             idx = torch.randint(0, n, (b,), generator=g)
@@ -467,6 +452,29 @@ class Trainer:
         self.result.final_loss["unet"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["unet"] = time.monotonic() - start
         return model.eval()
+
+    def _start_stage(
+        self, stage: str, model: torch.nn.Module, lr: float, weight_decay: float, default_steps: int,
+        start: float, checkpoint_also: Any = None,
+    ) -> tuple[Any, Any, Any, _Plan, int]:
+        """AdamW + warm-up/cosine schedule, prepared by ``accelerate``; resumed from the stage's latest
+        checkpoint when asked. Returns ``(model, optimizer, scheduler, plan, first_step)``."""
+        plan = self._plan(stage, default_steps, start)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, self.config.warmup_steps))
+        model, opt, sched = self.accelerator.prepare(model, opt, sched)
+        if checkpoint_also is not None:
+            self.accelerator.register_for_checkpointing(checkpoint_also)
+        step = self._maybe_resume(stage, plan)
+        self.log.start(stage, plan.total if plan.total < 10**7 else None, step)
+        return model, opt, sched, plan, step
+
+    def _out_of_time(self, stage: str, plan: _Plan, step: int, first_step: int) -> bool:
+        """Whether the stage's clock has run out (never before its first step of this run)."""
+        if plan.deadline is None or step == first_step or time.monotonic() < plan.deadline:
+            return False
+        self._say(f"{stage.upper()} stage reached its time budget at step {step}")
+        return True
 
     def _maybe_resume(self, stage: str, plan: _Plan) -> int:
         if not self.resume:
