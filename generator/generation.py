@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from generator.files import atomic_save_png, atomic_write_text
-from generator.model_folder import ModelInfo
-from generator.pipeline import RadSynthPipeline
+from generator.manifest import MANIFEST, append_line, read_manifest, save_png, sort_manifest
+from generator.models.model_folder import ModelInfo
+from generator.models.pipeline import RadSynthPipeline
 
-MANIFEST = "metadata.jsonl"
 RUN_FILE = "generation.json"
 
 #: ``gate(images (B, H, W) in [0, 1]) -> one dict per image``; each dict has ``privacy_verdict``
@@ -105,50 +102,6 @@ def make_requests(
 def attempt_seed(seed: int, attempt: int) -> int:
     """Seed of resampling attempt ``attempt`` (0 = the request's own seed)."""
     return seed + attempt * _RESAMPLE_STRIDE
-
-
-def save_png(image: np.ndarray, path: Path, bits: int = 8) -> None:
-    """Write a ``(H, W)`` float image in ``[0, 1]`` as an 8- or 16-bit grayscale PNG, atomically."""
-    if bits not in (8, 16):
-        raise ValueError(f"bits must be 8 or 16, got {bits}")
-    clipped = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    if bits == 8:
-        pil = Image.fromarray(np.round(clipped * 255).astype(np.uint8))
-    else:
-        pil = Image.fromarray(np.round(clipped * 65535).astype(np.uint16))
-    atomic_save_png(pil, path)
-
-
-def read_manifest(folder: Path) -> list[dict[str, Any]]:
-    """Complete lines of ``folder/metadata.jsonl`` (a torn last line is ignored)."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return []
-    lines = []
-    with open(path, encoding="utf-8") as fh:
-        for raw in fh:
-            if not raw.endswith("\n"):
-                break
-            raw = raw.strip()
-            if raw:
-                lines.append(json.loads(raw))
-    return lines
-
-
-def _append_line(path: Path, line: dict[str, Any]) -> None:
-    data = (json.dumps(line, sort_keys=True) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, data)  # one write of one line: atomic among appending processes
-    finally:
-        os.close(fd)
-
-
-def sort_manifest(folder: Path) -> None:
-    """Rewrite the manifest sorted by file name, without duplicates (atomic replace)."""
-    lines = {ln["file_name"]: ln for ln in read_manifest(folder)}
-    text = "".join(json.dumps(lines[name], sort_keys=True) + "\n" for name in sorted(lines))
-    atomic_write_text(folder / MANIFEST, text)
 
 
 def run_fingerprint(settings: dict[str, Any], requests: Sequence[Request]) -> str:
@@ -290,7 +243,7 @@ def generate_to_folder(
             save_png(image, output / req.file_name, bits=bits)
             if on_image is not None:
                 line.update(on_image(image, line))
-            _append_line(output / MANIFEST, line)
+            append_line(output, line)
             summary.written += 1
             verdict = str(privacy.get("privacy_verdict", "unchecked"))
             summary.verdicts[verdict] = summary.verdicts.get(verdict, 0) + 1

@@ -38,18 +38,28 @@ from conditioning.text_encoder import (
     load_text_encoder,
     resolve_text_encoder,
 )
-from generator.config import TrainConfig
-from generator.devices import cpu_only
-from generator.ingest import IngestResult
-from generator.model_folder import save_model_folder
-from generator.models import build_noise_scheduler, build_unet, build_vae, make_sampler
-from generator.pipeline import RadSynthPipeline
+from generator.models.config import TrainConfig
+from generator._utils import cpu_only
+from generator.data import IngestResult
+from generator.models.model_folder import save_model_folder
+from generator.models.build import build_noise_scheduler, build_unet, build_vae, make_sampler
+from generator.models.pipeline import RadSynthPipeline
 
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.
 StepHook = Callable[[str, int], None]
 
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
+
+
+def _package_version() -> str:
+    """The installed RadSynth version (``"unknown"`` when run from an uninstalled tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("radsynth")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
@@ -536,7 +546,7 @@ class Trainer:
         import diffusers
         import transformers
 
-        from radsynth import __version__ as radsynth_version  # noqa: PLC0415 (version string only)
+        radsynth_version = _package_version()
 
         d = self.data
         return {

@@ -55,10 +55,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (str(ROOT), str(ROOT / "scripts")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+ROOT = Path(__file__).resolve().parents[1]  # scripts/ is on sys.path when run as a script
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -85,16 +82,16 @@ def bf16_supported() -> bool:
 
 def build_pipeline(spec: str) -> Any:
     """``"model:PATH"`` loads a model folder; ``"random:PRESET:RES:LATENT"`` builds random networks."""
-    from generator.model_folder import load_pipeline
+    from generator.models.model_folder import load_pipeline
 
     kind, _, rest = spec.partition(":")
     if kind == "model":
         pipe, _ = load_pipeline(rest, device="cpu", half=False)
         return pipe
     from conditioning.text_encoder import hidden_size, load_text_encoder
-    from generator.config import get_preset
-    from generator.models import build_noise_scheduler, build_unet, build_vae, make_sampler
-    from generator.pipeline import RadSynthPipeline
+    from generator.models.config import get_preset
+    from generator.models.build import build_noise_scheduler, build_unet, build_vae, make_sampler
+    from generator.models.pipeline import RadSynthPipeline
 
     preset, res, latent = rest.split(":")
     cfg = get_preset(preset, latent_size=int(latent))
@@ -305,9 +302,9 @@ def contact_sheet(images: np.ndarray, labels: np.ndarray, path: Path, per_class:
 
 def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     from generator.evaluation import frechet_distance, roc_auc, synthetic_to_real_auc, train_classifier
-    from generator.ingest import load_dataset
-    from generator.model_folder import load_pipeline
-    from generator.models import make_sampler
+    from generator.data import load_dataset
+    from generator.models.model_folder import load_pipeline
+    from generator.models.build import make_sampler
 
     pipe, info = load_pipeline(args.model, device="cpu", half=False)
     res = int(info.resolution)

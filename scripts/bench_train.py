@@ -49,8 +49,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pneumoniamnist" / "pneumoniamnist_trainval.npz"
 
@@ -107,7 +105,7 @@ def reconstruction_metrics(model_dir: Path, images: "Any", batch_size: int = 64)
     import torch
 
     from generator.evaluation import psnr, ssim
-    from generator.model_folder import load_pipeline
+    from generator.models.model_folder import load_pipeline
 
     pipe, _ = load_pipeline(model_dir, device="cpu", half=False)
     vae = pipe.vae.eval()
@@ -197,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from generator.config import get_preset
-    from generator.ingest import load_dataset
+    from generator.models.config import get_preset
+    from generator.data import load_dataset
     from generator.training import Trainer
 
     if args.threads is not None:

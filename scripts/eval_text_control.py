@@ -1,7 +1,7 @@
 """Does the text control the image? Measured on samples of a phantom-trained model (issue 6).
 
 For each finding prompt, N images are generated and a classical measurement
-(``generator.phantom_measure``: cardiothoracic ratio, costophrenic angles, blob filter, ...) decides
+(``generator.phantoms.measure``: cardiothoracic ratio, costophrenic angles, blob filter, ...) decides
 whether each image shows what the prompt asked for. Two references are measured the same way, side by
 side: rendered phantoms with the same attributes (what the measurement finds on the training
 distribution) and the model's samples for the *normal* prompt (how often the finding appears when it
@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from conditioning.prompts import build_prompt  # noqa: E402
 from generator.demo import bundled_model_path  # noqa: E402
-from generator.model_folder import load_pipeline  # noqa: E402
-from generator.models import make_sampler  # noqa: E402
-from generator.phantom import render_phantom  # noqa: E402
-from generator.phantom_measure import matches_prompt, measure  # noqa: E402
+from generator.models.model_folder import load_pipeline  # noqa: E402
+from generator.models.build import make_sampler  # noqa: E402
+from generator.phantoms import render_phantom  # noqa: E402
+from generator.phantoms.measure import matches_prompt, measure  # noqa: E402
 
 CONDITIONS: dict[str, list] = {
     "normal": [],

@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from generator.config import get_preset  # noqa: E402
+from generator.models.config import get_preset  # noqa: E402
 from generator.demo import DEMO_MODEL_DIR, DEMO_TRAINING  # noqa: E402
-from generator.ingest import load_dataset  # noqa: E402
-from generator.phantom import write_phantom_folder  # noqa: E402
+from generator.data import load_dataset  # noqa: E402
+from generator.phantoms import write_phantom_folder  # noqa: E402
 from generator.training import Trainer  # noqa: E402
 
 

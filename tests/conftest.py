@@ -69,8 +69,8 @@ def square_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, square_data, tiny_text_encoder) -> Path:
     """A model folder trained for a few steps of the ``tiny`` preset at 16 px."""
-    from generator.config import get_preset
-    from generator.ingest import load_dataset
+    from generator.models.config import get_preset
+    from generator.data import load_dataset
     from generator.training import Trainer
 
     out = tmp_path_factory.mktemp("tiny_model")

@@ -41,36 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def update_metadata(folder: Path, fields: dict[str, dict]) -> int:
-    """Add per-image fields to ``folder/metadata.jsonl`` (atomic rewrite, other fields kept).
-
-    Args:
-        folder: The synthetic folder.
-        fields: file_name -> fields to set.
-
-    Returns:
-        Number of lines updated.
-    """
-    from privacy.report import atomic_write_text
-
-    path = folder / "metadata.jsonl"
-    lines_out, updated = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        extra = fields.get(str(row.get("file_name")))
-        if extra is not None:
-            row.update(extra)
-            updated += 1
-        lines_out.append(json.dumps(row, ensure_ascii=False))
-    atomic_write_text(path, "\n".join(lines_out) + "\n")
-    return updated
-
-
 def run(args: argparse.Namespace) -> int:
     """Audit the folder; print the summary. Returns 0 (also when images are flagged)."""
-    from generator.ingest import load_dataset
+    from generator.data import load_dataset
+    from generator.manifest import update_fields
     from privacy.audit import audit_images
     from privacy.index import ReferenceIndex
     from privacy.report import write_html, write_json
@@ -101,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary
     n_updated = 0
     if (folder / "metadata.jsonl").is_file():
-        n_updated = update_metadata(folder, {v.file_name: v.manifest_fields() for v in result.images})
+        n_updated = update_fields(folder, {v.file_name: v.manifest_fields() for v in result.images})
     if args.json:
         write_json(result, args.json)
     if args.html:

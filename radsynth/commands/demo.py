@@ -58,19 +58,18 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from conditioning.prompts import build_prompt
-    from generator.demo import DEMO_TRAINING, phantom_reference_set
-    from generator.generation import generate_to_folder, make_requests, prepare_output, read_manifest
-    from generator.files import atomic_write_text
-    from generator.grid import contact_sheet, gallery_html, save_contact_sheet
-    from generator.model_folder import load_pipeline
-    from generator.phantom_measure import matches_prompt, measure
+    from generator.demo import DEMO_TRAINING, resolve_model
+    from generator.generation import generate_to_folder, make_requests, prepare_output
+    from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
+    from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
+    from generator.models.model_folder import load_pipeline
+    from generator.phantoms import matches_prompt, measure, phantom_reference_set
     from privacy.audit import audit_images
     from privacy.embedding import EmbedderConfig
     from privacy.gate import PrivacyGate
     from privacy.index import ReferenceIndex
     from privacy.report import write_html, write_json
-    from radsynth.commands.audit import update_metadata
-    from radsynth.commands.generate import export_hook, privacy_gate, resolve_model
+    from radsynth.commands._wiring import export_hook, privacy_gate
 
     if args.images_per_prompt < 1:
         raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
@@ -126,14 +125,11 @@ def run(args: argparse.Namespace) -> int:
     # 4. Audit the whole set (JSON + HTML review page) and record it in the manifest.
     bar.set_postfix_str("auditing")
     lines = read_manifest(images_dir)
-    from PIL import Image
-
-    stack = np.stack([np.asarray(Image.open(images_dir / ln["file_name"]), dtype=np.float32) / 255.0
-                      for ln in lines])
+    stack = np.stack([load_png(images_dir / ln["file_name"]) for ln in lines])
     result = audit_images(index, stack, [ln["file_name"] for ln in lines], progress=False)
     write_json(result, out / "audit.json")
     write_html(result, index, stack, out / "audit.html")
-    update_metadata(images_dir, {v.file_name: v.manifest_fields() for v in result.images})
+    update_fields(images_dir, {v.file_name: v.manifest_fields() for v in result.images})
     lines = read_manifest(images_dir)
     bar.update(1)
 

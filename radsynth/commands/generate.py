@@ -81,31 +81,18 @@ def _prompt_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | N
     return [(t, None, args.num_images) for t in args.prompt]
 
 
-def resolve_model(model: str | None) -> str:
-    """The ``--model`` folder, or the bundled demo model when omitted."""
-    if model is not None:
-        return model
-    from generator.demo import bundled_model_path
-
-    return str(bundled_model_path())
-
-
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth generate``."""
     from accelerate import PartialState
 
-    from generator.devices import cpu_only
-
-    from generator.generation import (
-        generate_to_folder,
-        make_requests,
-        prepare_output,
-        regenerate_line,
-        save_png,
-        sort_manifest,
-    )
-    from generator.model_folder import load_pipeline
-    from generator.models import make_sampler
+    from generator._utils import cpu_only
+    from generator.demo import resolve_model
+    from generator.gallery import folder_contact_sheet
+    from generator.generation import generate_to_folder, make_requests, prepare_output, regenerate_line
+    from generator.manifest import save_png, sort_manifest
+    from generator.models.build import make_sampler
+    from generator.models.model_folder import load_pipeline
+    from radsynth.commands._wiring import export_hook, privacy_gate
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -174,75 +161,6 @@ def run(args: argparse.Namespace) -> int:
             f"{args.max_resample} attempts ({state.num_processes} process(es)) -> {output}"
         )
         if args.grid:
-            write_grid(output, Path(args.grid))
+            folder_contact_sheet(output, Path(args.grid))
             print(f"contact sheet: {args.grid}")
     return 0
-
-
-def privacy_gate(index: Any, resolution: int):
-    """A ``generation.Gate`` from an index folder (or a loaded ``PrivacyGate``).
-
-    Raises:
-        ValueError: the index was built at another resolution than the model's.
-    """
-    from privacy.gate import PrivacyGate
-
-    gate = index if isinstance(index, PrivacyGate) else PrivacyGate.load(index)
-    if int(gate.resolution) != int(resolution):
-        raise ValueError(
-            f"--privacy-index was built at {gate.resolution} px but the model makes {resolution} px "
-            f"images: rebuild the index with --resolution {resolution}"
-        )
-
-    def check(images):
-        return [v.manifest_fields() for v in gate.check(images)]
-
-    return check
-
-
-def export_hook(formats: set[str], output: Path, info: Any, *, modality: str | None = None,
-                images_per_study: int = 1):
-    """A ``generation.ImageHook`` exporting each image as it is made; ``None`` for PNG only.
-
-    The exporters own ``output/dicom`` and ``output/nifti`` and may overwrite there: the output
-    folder belongs to this run (checked by ``prepare_output``), and an image whose manifest line was
-    not written before an interruption is made and exported again.
-    """
-    formats = set(formats) - {"png"}
-    if not formats:
-        return None
-    from exporters import DicomExporter, NiftiExporter
-
-    from radsynth import __version__
-
-    modality = (modality or info.modality or "DX").upper()
-    common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
-              "intensity": info.intensity}
-    exporters: dict[str, Any] = {}
-    if "dicom" in formats:
-        exporters["dicom_file"] = DicomExporter(output / "dicom", modality,
-                                                images_per_study=images_per_study, **common)
-    if "nifti" in formats:
-        exporters["nifti_file"] = NiftiExporter(output / "nifti", modality, **common)
-
-    def hook(image, line):
-        return {key: exp.add(image, line)[0].relative_to(output).as_posix() for key, exp in exporters.items()}
-
-    return hook
-
-
-def write_grid(output: Path, path: Path, limit: int = 48) -> None:
-    import numpy as np
-    from PIL import Image
-
-    from generator.generation import read_manifest
-    from generator.grid import contact_sheet, save_contact_sheet
-
-    lines = read_manifest(output)[:limit]
-    images = []
-    for ln in lines:
-        with Image.open(output / ln["file_name"]) as im:
-            scale = 255.0 if im.mode == "L" else 65535.0
-            images.append(np.asarray(im, dtype=np.float64) / scale)
-    captions = [f"{ln['text']} (seed {ln['seed']}; {ln.get('privacy_verdict', 'unchecked')})" for ln in lines]
-    save_contact_sheet(contact_sheet(images, captions), path)

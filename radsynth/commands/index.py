@@ -63,7 +63,7 @@ def _resolution(records: list, given: int | None, what: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Build, calibrate and save the index; print a summary. Returns 0."""
-    from generator.ingest import load_dataset
+    from generator.data import load_dataset
     from privacy.embedding import EmbedderConfig
     from privacy.index import ReferenceIndex
 

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """Write the folder; returns 0."""
     from tqdm import tqdm
 
-    from generator.phantom import write_phantom_folder
+    from generator.phantoms import write_phantom_folder
 
     with tqdm(total=args.num_images, desc="phantoms", unit="img", disable=None) as bar:
         out = write_phantom_folder(

@@ -101,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``radsynth train``."""
     from accelerate import PartialState
 
-    from generator.devices import cpu_only
+    from generator._utils import cpu_only
 
-    from generator.config import get_preset
-    from generator.ingest import load_dataset
+    from generator.models.config import get_preset
+    from generator.data import load_dataset
     from generator.training import Trainer
 
     state = PartialState(cpu=cpu_only())

@@ -116,7 +116,7 @@ def test_generate_end_to_end_with_exports_and_regeneration(tmp_path, tiny_model)
 
     ds = load_dataset("imagefolder", data_dir=str(out), split="train")
     assert len(ds) == 3 and "text" in ds.column_names
-    from generator.ingest import load_dataset as ingest
+    from generator.data import load_dataset as ingest
 
     assert len(ingest(out, resolution=16, progress=False).records) == 3
 

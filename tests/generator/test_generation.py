@@ -13,10 +13,9 @@ from generator.generation import (
     generate_to_folder,
     make_requests,
     prepare_output,
-    read_manifest,
-    sort_manifest,
 )
-from generator.model_folder import load_pipeline
+from generator.manifest import read_manifest, sort_manifest
+from generator.models.model_folder import load_pipeline
 
 
 @pytest.fixture(scope="module")

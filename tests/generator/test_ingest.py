@@ -1,4 +1,4 @@
-"""Tests for generator.ingest: every input format, skips, errors (fixtures written here, <= 64 px)."""
+"""Tests for generator.data: every input format, skips, errors (fixtures written here, <= 64 px)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from generator.ingest import IngestResult, IntensityMapping, load_dataset
+from generator.data import IngestResult, IntensityMapping, load_dataset
 
 CR_MONO1 = "dicomdirtests/77654033/CR1/6154"  # pydicom test file: CR, MONOCHROME1, 16x16
 

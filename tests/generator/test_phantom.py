@@ -1,5 +1,5 @@
-"""Phantom chest radiographs (generator.phantom) and the measurement that checks them
-(generator.phantom_measure), plus the ``radsynth phantoms`` verb.
+"""Phantom chest radiographs (generator.phantoms) and the measurement that checks them
+(generator.phantoms.measure), plus the ``radsynth phantoms`` verb.
 
 Image frame: patient right on the image left, so a *left* finding lives in the image's right half.
 """
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conditioning.prompts import build_prompt
-from generator.phantom import (
+from generator.phantoms import (
     LOBES,
     PHANTOM_FINDINGS,
     PhantomImage,
@@ -25,7 +25,7 @@ from generator.phantom import (
     sample_attributes,
     write_phantom_folder,
 )
-from generator.phantom_measure import Measurement, matches_prompt, measure
+from generator.phantoms.measure import Measurement, matches_prompt, measure
 
 ADULT_M = {"modality": "DX", "view": "PA", "sex": "M", "age": 50}
 

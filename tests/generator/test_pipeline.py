@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.model_folder import load_pipeline, read_model_info
-from generator.models import make_sampler
+from generator.models.model_folder import load_pipeline, read_model_info
+from generator.models.build import make_sampler
 
 
 @pytest.fixture(scope="module")

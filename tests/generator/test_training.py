@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from generator.config import TrainConfig, get_preset
-from generator.ingest import load_dataset
+from generator.models.config import TrainConfig, get_preset
+from generator.data import load_dataset
 from generator.training import Trainer
 
 

@@ -10,16 +10,11 @@ says how it was made.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable, Mapping
 
-
-def did_you_mean(value: str, options: Iterable[str]) -> str:
-    """``"; did you mean 'x'?"`` for the closest option to a misspelled ``value``, else ``""``."""
-    close = difflib.get_close_matches(value, list(options), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+from generator._utils import did_you_mean
 
 
 @dataclass(frozen=True)

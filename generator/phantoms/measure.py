@@ -28,7 +28,7 @@ Steps of :func:`measure`:
 6. Consolidation: one lung's aerated area clearly smaller than the other's (after allowing for the
    heart on the left); an effusion or a large heart can trigger it too.
 
-Thresholds were set on rendered phantoms (:mod:`generator.phantom`); the agreement numbers are in the
+Thresholds were set on rendered phantoms (:mod:`generator.phantoms`); the agreement numbers are in the
 tests and the README.
 """
 

@@ -31,17 +31,13 @@ contrast), so that they stay visible at 64 px, the resolution the bundled demo m
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage
 
-from conditioning.prompts import build_prompt, normalize_findings, normalize_sex
-from generator.files import atomic_write_bytes
+from conditioning.prompts import normalize_findings, normalize_sex
 
 #: Lobes a nodule or consolidation can be placed in (frontal projection; the lingula is part of the
 #: left upper lobe).
@@ -70,7 +66,6 @@ CTR_NORMAL_CHILD: tuple[float, float] = (0.42, 0.46)
 CTR_CARDIOMEGALY: tuple[float, float] = (0.57, 0.67)
 
 _MIN_SIZE = 32
-_FILE_PATTERN = "phantom_{:06d}.png"
 
 
 @dataclass
@@ -665,124 +660,3 @@ def render_phantom(attributes: Mapping[str, Any], size: int = 64, seed: int = 0)
         breast_shadow=float(an.breast),
         seed=int(seed),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Folder writer
-# ----------------------------------------------------------------------------------------------
-
-
-def phantom_seed(seed: int, index: int) -> int:
-    """Per-image seed used by :func:`write_phantom_folder` (stored in the ``seed`` column)."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(1)[0])
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    arr = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_phantom_folder(
-    output: str | os.PathLike[str],
-    num_images: int,
-    size: int = 64,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: Callable[[int], None] | None = None,
-) -> Path:
-    """Write ``num_images`` phantoms as a Hugging Face ``imagefolder`` (DESIGN.md §3.1).
-
-    Files: ``phantom_000000.png`` ... (8-bit grayscale PNG, grey level ``round(255 * pixel)``, so the
-    intensity mapping is ``png8``) and ``metadata.jsonl`` with one JSON line per image:
-    ``file_name``, ``text`` (:func:`conditioning.prompts.build_prompt` of the attributes),
-    ``patient_id`` (invented, ``PHANTOM-<seed>-<index>``), ``modality`` (``"DX"``), ``view``
-    (``"PA"``), ``sex``, ``age``, ``findings`` (list of dicts), ``label`` (``"normal"`` or the first
-    finding's name), ``seed`` (the per-image render seed, :func:`phantom_seed`) and
-    ``pixel_spacing_mm``. Image ``i`` depends only on ``(seed, i, size)``.
-
-    Every file is written to a temporary name and renamed into place; ``metadata.jsonl`` comes last,
-    so a folder with a manifest is complete.
-
-    Args:
-        output: Folder to write; created if missing.
-        num_images: Number of phantoms, ``>= 1``.
-        size: Image height and width in pixels, ``>= 32``.
-        seed: Base seed.
-        overwrite: Allow writing into a non-empty folder; earlier ``phantom_*.png`` files and the
-            manifest there are replaced (other files are left alone).
-        progress: Called with 1 after each image (e.g. ``tqdm.update``).
-
-    Returns:
-        The output folder.
-
-    Raises:
-        ValueError: ``num_images`` < 1 or ``size`` < 32.
-        FileExistsError: ``output`` is a non-empty folder and ``overwrite`` is false, or is a file.
-    """
-    if int(num_images) != num_images or num_images < 1:
-        raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if int(size) != size or size < _MIN_SIZE:
-        raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
-    out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {str(out)!r} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"output folder {str(out)!r} is not empty; pass overwrite=True (--overwrite) to replace"
-            )
-        for old in out.glob("phantom_*.png"):
-            old.unlink()
-        (out / "metadata.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    lines: list[str] = []
-    for i in range(int(num_images)):
-        img_seed = phantom_seed(seed, i)
-        attrs = sample_attributes(np.random.default_rng(img_seed))
-        ph = render_phantom(attrs, size=int(size), seed=img_seed)
-        name = _FILE_PATTERN.format(i)
-        atomic_write_bytes(out / name, _png_bytes(ph.image))
-        row = {
-            "file_name": name,
-            "text": build_prompt(attrs),
-            "patient_id": f"PHANTOM-{int(seed)}-{i:06d}",
-            "modality": attrs["modality"],
-            "view": attrs["view"],
-            "sex": attrs["sex"],
-            "age": attrs["age"],
-            "findings": ph.attributes["findings"],
-            "label": primary_label(attrs),
-            "seed": img_seed,
-            "pixel_spacing_mm": round(ph.pixel_spacing_mm, 4),
-        }
-        lines.append(json.dumps(row))
-        if progress is not None:
-            progress(1)
-    atomic_write_bytes(out / "metadata.jsonl", ("\n".join(lines) + "\n").encode("utf-8"))
-    return out
-
-
-def read_phantom_metadata(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The rows of a phantom folder's ``metadata.jsonl`` as dicts.
-
-    Raises:
-        FileNotFoundError: no ``metadata.jsonl`` in ``folder``.
-    """
-    path = Path(folder) / "metadata.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metadata.jsonl in {str(folder)!r}")
-    with path.open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
-def render_many(
-    attribute_sets: Sequence[Mapping[str, Any]], size: int = 64, seed: int = 0
-) -> list[PhantomImage]:
-    """Render several attribute sets, image ``i`` with :func:`phantom_seed` ``(seed, i)``."""
-    return [render_phantom(a, size=size, seed=phantom_seed(seed, i)) for i, a in enumerate(attribute_sets)]

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, load_text_encoder
-from generator.devices import best_device
-from generator.pipeline import RadSynthPipeline
+from generator._utils import best_device
+from generator.models.pipeline import RadSynthPipeline
 
 RADSYNTH_JSON = "radsynth.json"
 _WEIGHT_PARTS = ("unet", "vae")
@@ -39,7 +39,7 @@ class ModelInfo:
         path: The model folder.
         resolution: Image side in pixels.
         channels: Channels of the VAE output (1 for RadSynth models, 3 for SD checkpoints).
-        intensity: Intensity mapping dict (see ``generator.ingest.IntensityMapping``).
+        intensity: Intensity mapping dict (see ``generator.data.IntensityMapping``).
         modality: DICOM modality of the training data (``"DX"``, ``"CT"``, ...).
         model_hash: SHA-256 (first 16 hex digits) of the UNet and VAE weight files.
         raw: The whole ``radsynth.json`` (empty for foreign folders).

@@ -1,4 +1,4 @@
-"""Pixel readers behind :func:`generator.ingest.load_dataset` (DESIGN.md §3.1).
+"""Pixel readers behind :func:`generator.data.records.load_dataset` (DESIGN.md §3.1).
 
 Each reader turns one file into one or more 2D frames: ``(H, W)`` ``float32`` arrays in ``[0, 1]``
 (0 black, MONOCHROME2 sense, rows top to bottom as displayed) with the :class:`IntensityMapping` that
@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from generator.ingest import IntensityMapping
+from generator.data.metadata import parse_age
+from generator.data.records import IntensityMapping
 
 #: Bytes at the start of PNG and JPEG files.
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -213,20 +214,6 @@ def _str(ds: Any, keyword: str) -> str | None:
     return text or None
 
 
-def _age(value: str | None) -> int | None:
-    """DICOM Age String (``"047Y"``, ``"006M"``, ``"010D"``) -> whole years."""
-    if not value:
-        return None
-    v = value.strip().upper()
-    try:
-        if v[-1:] in ("Y", "M", "W", "D"):
-            n = int(v[:-1])
-            return {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[v[-1]]
-        return int(float(v))
-    except ValueError:
-        return None
-
-
 def read_dicom_header(ds: Any, default_modality: str = "OT") -> DicomHeader:
     """Collect the header fields RadSynth uses from a pydicom ``Dataset``."""
     sex = _str(ds, "PatientSex")
@@ -236,7 +223,7 @@ def read_dicom_header(ds: Any, default_modality: str = "OT") -> DicomHeader:
         study_uid=_str(ds, "StudyInstanceUID"),
         accession=_str(ds, "AccessionNumber"),
         sex=sex.upper() if sex else None,
-        age=_age(_str(ds, "PatientAge")),
+        age=parse_age(_str(ds, "PatientAge")),
         view=_str(ds, "ViewPosition"),
         body_part=_str(ds, "BodyPartExamined"),
         study_description=_str(ds, "StudyDescription"),

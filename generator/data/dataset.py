@@ -3,188 +3,37 @@
 Three kinds of input are accepted (see :func:`load_dataset`): a Hugging Face ``imagefolder``
 (images plus ``metadata.jsonl``/``metadata.csv``), a DICOM folder without metadata (text from a
 reports CSV or from header fields), and a MedMNIST-style ``.npz``. The per-format pixel readers and
-their intensity conventions live in :mod:`generator.readers`.
-
-Pixel convention everywhere in RadSynth: a 2D image is a ``float32`` array of shape ``(H, W)`` with
-values in ``[0, 1]``, 0 meaning black (MONOCHROME2: low attenuation is dark), rows top to bottom,
-columns left to right as the image is displayed (patient right on the image left for a frontal
-radiograph). ``IntensityMapping`` says how that range maps back to stored or physical values.
+their intensity conventions live in :mod:`generator.data.readers`, the records in
+:mod:`generator.data.records`, the metadata rows in :mod:`generator.data.metadata`.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
-import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
+from generator.data import readers
+from generator.data.metadata import (
+    find_metadata,
+    resolve_member,
+    read_metadata_rows,
+    split_fragment,
+    split_row,
+    walk_files,
+)
+from generator.data.records import ImageRecord, IngestResult, IntensityMapping, SkippedFile
+
+__all__ = ["load_dataset"]
+
 logger = logging.getLogger(__name__)
 
-#: Attribute columns that RadSynth understands (DESIGN.md §3.1); other columns are kept in ``extra``.
-ATTRIBUTE_KEYS = ("patient_id", "modality", "view", "sex", "age", "findings", "label")
-
-
-@dataclass(frozen=True)
-class IntensityMapping:
-    """Linear map from model range ``[0, 1]`` back to stored/physical values.
-
-    ``physical = low + x * (high - low)`` for ``x`` in ``[0, 1]``.
-
-    Attributes:
-        kind: How the source was read: ``"png8"``, ``"png16"``, ``"jpeg"``, ``"dicom_voi"``,
-            ``"ct_window"``, ``"nifti"``, ``"npz_uint8"``; also ``"dicom_minmax"`` (no window:
-            the image's own range), ``"dicom_voi_lut"`` (non-linear VOI LUT, approximate),
-            ``"dicom_rgb"``, ``"npz_uint16"``, ``"npz_float"``; ``"_inverted"`` appended for
-            MONOCHROME1 DICOM.
-        low: Physical value shown as black (e.g. -160 HU for a CT window 40/400, or 0 for 8-bit).
-            Readers always give ``low < high``; for a MONOCHROME1 source (kind ending
-            ``"_inverted"``) they describe the MONOCHROME2 picture, see :mod:`generator.readers`.
-        high: Physical value shown as white (e.g. 240 HU, or 255 for 8-bit).
-        unit: Physical unit of ``low``/``high`` (``"HU"`` for CT, ``""`` for unitless grey levels).
-        bits_stored: Bit depth of the source pixels (8 or 16 for PNG; BitsStored for DICOM; 8 or
-            16 for NIfTI and ``.npz``, 16 standing for any wider or floating-point type).
-        modality: DICOM modality of the source (``"DX"``, ``"CR"``, ``"CT"``, ``"MR"``, ``"OT"``).
-    """
-
-    kind: str
-    low: float
-    high: float
-    unit: str = ""
-    bits_stored: int = 8
-    modality: str = "OT"
-
-    def to_physical(self, x: np.ndarray) -> np.ndarray:
-        """Map model-range values (any shape, ``[0, 1]``) to physical values (float64)."""
-        return self.low + np.asarray(x, dtype=np.float64) * (self.high - self.low)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form, stored in ``radsynth.json`` and manifests."""
-        return {
-            "kind": self.kind,
-            "low": float(self.low),
-            "high": float(self.high),
-            "unit": self.unit,
-            "bits_stored": int(self.bits_stored),
-            "modality": self.modality,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "IntensityMapping":
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            kind=str(d["kind"]),
-            low=float(d["low"]),
-            high=float(d["high"]),
-            unit=str(d.get("unit", "")),
-            bits_stored=int(d.get("bits_stored", 8)),
-            modality=str(d.get("modality", "OT")),
-        )
-
-
-@dataclass
-class ImageRecord:
-    """One training image with its text.
-
-    Attributes:
-        file_name: Path relative to the data root, POSIX separators (for a slice of a volume:
-            ``"vol.nii.gz#z=12"``; for an ``.npz``: ``"file.npz#train/17"``).
-        text: Report or caption text used as the prompt.
-        image: ``(H, W)`` float32 in ``[0, 1]`` at the source resolution, or at the requested
-            resolution when :func:`load_dataset` was given one.
-        attributes: Known attribute columns present for this record (subset of ``ATTRIBUTE_KEYS``).
-        intensity: How this record's pixels map back to physical values.
-        extra: Other metadata columns, kept verbatim.
-    """
-
-    file_name: str
-    text: str
-    image: np.ndarray
-    attributes: dict[str, Any] = field(default_factory=dict)
-    intensity: IntensityMapping | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def patient_id(self) -> str | None:
-        """The record's patient id, or ``None`` when the data has none."""
-        pid = self.attributes.get("patient_id")
-        return None if pid is None else str(pid)
-
-
-@dataclass
-class SkippedFile:
-    """A file that could not be used, with the reason (reported, counted, never fatal alone)."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class IngestResult:
-    """What :func:`load_dataset` read.
-
-    Attributes:
-        root: The data folder (or ``.npz`` file) that was read.
-        records: Usable images, in a deterministic order (sorted by ``file_name``).
-        skipped: Unusable files with reasons.
-        intensity: The dataset-level mapping (the most common one among records).
-        source: ``"imagefolder"``, ``"dicom_folder"`` or ``"npz"``.
-        ignored: Image files present under ``root`` but not listed in any metadata file.
-        summary: The one-line summary ("read N images from F files, skipped K (...)").
-    """
-
-    root: Path
-    records: list[ImageRecord]
-    skipped: list[SkippedFile]
-    intensity: IntensityMapping
-    source: str
-    ignored: int = 0
-    summary: str = ""
-
-    def stack(self) -> np.ndarray:
-        """All images as one ``(N, H, W)`` float32 array in ``[0, 1]``.
-
-        Raises:
-            ValueError: if the records have different shapes (load with ``resolution``).
-        """
-        if not self.records:
-            return np.zeros((0, 0, 0), dtype=np.float32)
-        shapes = Counter(r.image.shape for r in self.records)
-        if len(shapes) > 1:
-            listed = ", ".join(f"{s} x{n}" for s, n in shapes.most_common(5))
-            raise ValueError(
-                f"records have {len(shapes)} different image shapes ({listed}); "
-                "load the dataset with resolution=R to resize them to R x R"
-            )
-        return np.stack([np.asarray(r.image, dtype=np.float32) for r in self.records])
-
-    def fingerprint(self) -> str:
-        """SHA-256 hex digest over file names, texts and pixel bytes: identifies the training data
-        without containing it.
-
-        Each record contributes its file name, text, image shape and float32 little-endian pixel
-        bytes, each length-prefixed, in record order; the digest is stable across runs and
-        platforms for the same files and ``load_dataset`` arguments.
-        """
-        h = hashlib.sha256(b"radsynth-ingest-v1")
-        for r in self.records:
-            pixels = np.ascontiguousarray(r.image, dtype="<f4")
-            for part in (r.file_name.encode("utf-8"), r.text.encode("utf-8"),
-                         repr(tuple(pixels.shape)).encode("ascii"), pixels.tobytes()):
-                h.update(len(part).to_bytes(8, "little"))
-                h.update(part)
-        return h.hexdigest()
-
-
-#: Metadata file names of the imagefolder convention, in order of preference.
-METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 #: DICOM modalities that carry pixel data but are not images to learn from (DICOM folder mode).
 _NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG", "SR", "PR", "KO"})
 #: File name endings counted as images when reporting files not listed in metadata.
@@ -224,7 +73,7 @@ def load_dataset(
       from the header, overridden by report columns of the same name.
 
     Pixels become ``float32`` in ``[0, 1]`` with an :class:`IntensityMapping` per record (see
-    :mod:`generator.readers` for each format's convention: bit depth for PNG/JPEG, modality LUT then
+    :mod:`generator.data.readers` for each format's convention: bit depth for PNG/JPEG, modality LUT then
     VOI window or ``ct_window`` for DICOM, MONOCHROME1 inverted; canonical RAS+ reorientation and
     radiological display for NIfTI). The dataset-level mapping is the most common one. Records are
     sorted by ``file_name`` with digit runs compared as numbers (``#z=2`` before ``#z=10``).
@@ -252,8 +101,6 @@ def load_dataset(
         ValueError: metadata without a ``text`` column (naming the file), no usable image left
             (with the skip summary), bad arguments.
     """
-    from generator import readers
-
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
                                    or resolution < 1):
         raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
@@ -266,7 +113,7 @@ def load_dataset(
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
-    state = _State(resolution=resolution, readers=readers)
+    state = _State(resolution=resolution)
 
     if root.is_file():
         if not root.name.lower().endswith(".npz"):
@@ -278,7 +125,7 @@ def load_dataset(
     else:
         if label_text is not None:
             raise ValueError(f"label_text is only used for .npz input, but {root} is a folder")
-        metas = _find_metadata(root)
+        metas = find_metadata(root)
         if metas:
             if reports_csv is not None:
                 raise ValueError(
@@ -288,9 +135,9 @@ def load_dataset(
             source = "imagefolder"
             _load_imagefolder(root, metas, ct, nifti_axis, progress, state)
         else:
-            dicoms = [p for p in _walk(root) if readers.is_dicom_file(p)]
+            dicoms = [p for p in walk_files(root) if readers.is_dicom_file(p)]
             if not dicoms:
-                n_img = sum(1 for p in _walk(root) if p.name.lower().endswith(_IMAGE_ENDINGS))
+                n_img = sum(1 for p in walk_files(root) if p.name.lower().endswith(_IMAGE_ENDINGS))
                 if n_img:
                     raise ValueError(
                         f"no metadata.jsonl or metadata.csv in {root} ({n_img} image files found): "
@@ -322,7 +169,6 @@ class _State:
     """Records, skips and counters collected while reading."""
 
     resolution: int | None
-    readers: Any
     records: list[ImageRecord] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     files_read: int = 0
@@ -335,7 +181,7 @@ class _State:
     def add(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
             intensity: IntensityMapping, extra: dict[str, Any]) -> None:
         if self.resolution is not None:
-            image = self.readers.area_resize(image, self.resolution)
+            image = readers.area_resize(image, self.resolution)
         self.records.append(ImageRecord(file_name=file_name, text=text,
                                         image=np.asarray(image, dtype=np.float32),
                                         attributes=attributes, intensity=intensity, extra=extra))
@@ -353,127 +199,8 @@ class _State:
         return line
 
 
-def _walk(root: Path) -> list[Path]:
-    """All files under ``root`` (recursively, hidden entries skipped), sorted."""
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return out
-
-
-def _find_metadata(root: Path) -> list[Path]:
-    """Metadata files under ``root`` (one per folder; ``.jsonl`` and ``.csv`` together is an error)."""
-    found: list[Path] = []
-    for p in _walk(root):
-        if p.name in METADATA_NAMES:
-            found.append(p)
-    by_dir: dict[Path, list[Path]] = {}
-    for p in found:
-        by_dir.setdefault(p.parent, []).append(p)
-    for d, ps in by_dir.items():
-        if len(ps) > 1:
-            raise ValueError(f"{d} has both {' and '.join(p.name for p in ps)}; keep only one metadata file")
-    return found
-
-
-def _read_metadata(meta: Path) -> list[dict[str, Any]]:
-    """Rows of a metadata file (``file_name`` and ``text`` columns required).
-
-    Raises:
-        ValueError: malformed file, or a missing ``file_name``/``text`` column (naming the file and
-            the columns found).
-    """
-    rows: list[dict[str, Any]] = []
-    if meta.suffix == ".jsonl":
-        with open(meta, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{meta}: line {i} is not valid JSON ({exc})") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
-                rows.append(row)
-        if not rows:
-            return rows  # an empty JSON Lines file has no columns to check: an empty dataset
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(k for k in row if k not in columns)
-    else:
-        with open(meta, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            for row in reader:
-                rows.append({(k or "").strip(): v for k, v in row.items() if k is not None})
-    missing = [c for c in ("file_name", "text") if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{meta}: metadata needs the columns 'file_name' and 'text' (missing {missing}); "
-            f"columns found: {columns}"
-        )
-    return rows
-
-
-def _convert_csv(key: str, value: Any) -> Any:
-    """CSV cell -> attribute value (``None`` for an empty cell)."""
-    if value is None:
-        return None
-    v = str(value).strip()
-    if v == "":
-        return None
-    if key in ("age", "label"):
-        try:
-            f = float(v)
-            if f.is_integer():
-                return int(f)
-            return f
-        except ValueError:
-            if key == "age":
-                from generator.readers import _age
-
-                years = _age(v)
-                return v if years is None else years
-            return v
-    if key == "findings" and v[:1] in ("[", "{"):
-        try:
-            return json.loads(v)
-        except json.JSONDecodeError:
-            return v
-    return v
-
-
-def _split_row(row: Mapping[str, Any], from_csv: bool,
-               skip_keys: Iterable[str] = ("file_name", "text")) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a metadata row into (attributes, extra)."""
-    attributes: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    skip = set(skip_keys)
-    for k, v in row.items():
-        if k in skip:
-            continue
-        if k in ATTRIBUTE_KEYS:
-            v = _convert_csv(k, v) if from_csv else v
-            if v is not None:
-                attributes[k] = v
-        else:
-            extra[k] = v
-    return attributes, extra
-
-
-def _split_fragment(file_name: str) -> tuple[str, str | None]:
-    """``"vol.nii.gz#z=12"`` -> (``"vol.nii.gz"``, ``"z=12"``); no fragment -> (name, None)."""
-    if "#" in file_name:
-        base, frag = file_name.rsplit("#", 1)
-        if "=" in frag:
-            return base, frag
-    return file_name, None
-
-
-def _read_any(readers: Any, path: Path, modality: str, ct: tuple[float, float], axis: int
-              ) -> tuple[list[Any], Any]:
+def _read_any(path: Path, modality: str, ct: tuple[float, float], axis: int
+              ) -> tuple[list[readers.Frame], readers.DicomHeader | None]:
     """Dispatch on format; returns (frames, DICOM header or None). Raises ``UnreadableFile``."""
     fmt = readers.sniff(path)
     if fmt in ("png", "jpeg"):
@@ -490,29 +217,26 @@ def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], ni
     """Read an imagefolder: rows of every metadata file, grouped by image file."""
     from tqdm.auto import tqdm
 
-    readers = state.readers
     root_abs = root.resolve()
     # image file (relative POSIX path) -> list of (fragment, row, from_csv, metadata name)
     groups: dict[str, list[tuple[str | None, dict[str, Any], bool, str]]] = {}
     for meta in metas:
         from_csv = meta.suffix == ".csv"
         meta_rel = meta.relative_to(root).as_posix()
-        for row in _read_metadata(meta):
+        for i, row in enumerate(read_metadata_rows(meta), 1):
             name = row.get("file_name")
-            if not isinstance(name, str) or not name.strip():
-                state.skip(meta_rel, f"bad metadata row: file_name {name!r} is not a path")
+            base, frag = split_fragment(name.strip()) if isinstance(name, str) else (name, None)
+            try:
+                target = resolve_member(meta.parent, base, source=meta, row=i)
+            except ValueError as exc:
+                state.skip(meta_rel, f"bad metadata row: {exc}")
                 continue
-            base, frag = _split_fragment(name.strip())
-            target = os.path.normpath(meta.parent.resolve() / base)
-            rel = os.path.relpath(target, root_abs)
-            if rel.startswith(".."):
-                state.skip(name, f"bad metadata row: {name!r} in {meta_rel} points outside {root}")
-                continue
-            groups.setdefault(Path(rel).as_posix(), []).append((frag, row, from_csv, meta_rel))
+            rel = target.relative_to(root_abs).as_posix()
+            groups.setdefault(rel, []).append((frag, row, from_csv, meta_rel))
 
     listed = set(groups)
     state.ignored = sum(
-        1 for p in _walk(root)
+        1 for p in walk_files(root)
         if p.name.lower().endswith(_IMAGE_ENDINGS) and p.relative_to(root).as_posix() not in listed
     )
 
@@ -531,14 +255,14 @@ def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], ni
             if text is None:
                 state.skip(rel, f"no text: the {meta_rel} row for {rel} has no 'text'")
                 continue
-            attributes, extra = _split_row(row, from_csv)
+            attributes, extra = split_row(row, from_csv)
             hint = str(attributes.get("modality") or "OT").upper()
             axis = nifti_axis
             if frag is not None and frag[:2] in ("x=", "y=", "z="):
                 axis = readers.AXIS_LETTERS.index(frag[0])
             if axis not in cache:
                 try:
-                    cache[axis], _ = _read_any(readers, file_path, hint, ct, axis)
+                    cache[axis], _ = _read_any(file_path, hint, ct, axis)
                 except readers.UnreadableFile as exc:
                     state.skip(rel, f"unreadable {readers.sniff(file_path)} file: {exc}")
                     failed = True
@@ -599,10 +323,9 @@ def _load_dicom_folder(root: Path, files: list[Path], reports_csv: str | Path | 
     """Read a folder of DICOM files without metadata."""
     from tqdm.auto import tqdm
 
-    readers = state.readers
     key, reports = _read_reports(reports_csv) if reports_csv is not None else (None, None)
     dicom_set = set(files)
-    state.ignored = sum(1 for p in _walk(root) if p.name.lower().endswith(_IMAGE_ENDINGS)
+    state.ignored = sum(1 for p in walk_files(root) if p.name.lower().endswith(_IMAGE_ENDINGS)
                         and p not in dicom_set)
     for path in tqdm(files, desc="reading DICOM", unit="file", disable=not progress):
         rel = path.relative_to(root).as_posix()
@@ -627,7 +350,7 @@ def _load_dicom_folder(root: Path, files: list[Path], reports_csv: str | Path | 
                 state.skip(rel, f"no report: {key} {value!r} is not in {Path(reports_csv).name}")
                 continue
             text = str(row.get("text") or "")
-            more, extra = _split_row(row, from_csv=True)
+            more, extra = split_row(row, from_csv=True)
             attributes.update(more)
         else:
             text = header.text()

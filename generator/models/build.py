@@ -16,7 +16,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from generator.config import TrainConfig, did_you_mean
+from generator.models.config import TrainConfig, did_you_mean
 
 #: Sampler names accepted by ``radsynth generate --sampler``.
 SAMPLERS = {

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from generator.files import atomic_save_png
+from generator.manifest import atomic_save_png
 
 
 def contact_sheet(
@@ -101,3 +101,15 @@ margin:6px;font-size:12px}} .reject .v{{color:#b00;font-weight:bold}} .review .v
 <p>{len(lines)} synthetic images. Every image is synthetic; DICOM files carry Synthetic Data = YES.</p>
 {''.join(cards)}</body></html>
 """
+
+
+def folder_contact_sheet(folder: str | Path, path: str | Path, limit: int = 48) -> Path:
+    """Contact sheet of the first ``limit`` images of a generated folder, captioned with prompt,
+    seed and privacy verdict; saved atomically as PNG at ``path``."""
+    from generator.manifest import load_png, read_manifest
+
+    folder = Path(folder)
+    lines = read_manifest(folder)[:limit]
+    images = [load_png(folder / ln["file_name"]) for ln in lines]
+    captions = [f"{ln['text']} (seed {ln['seed']}; {ln.get('privacy_verdict', 'unchecked')})" for ln in lines]
+    return save_contact_sheet(contact_sheet(images, captions), path)

@@ -1,0 +1,81 @@
+"""Small helpers shared inside ``generator``: option look-up, torch threads, device choice.
+
+``privacy`` keeps marked copies of :func:`torch_threads` (it imports no other RadSynth package).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+
+__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only"]
+
+T = TypeVar("T", bound=str)
+
+
+def did_you_mean(value: str, options: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest option to a misspelled ``value``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def look_up_option(value: str, options: Iterable[T], *, name: str) -> T:
+    """Return the member of ``options`` equal to ``value`` (MONAI's ``look_up_option``).
+
+    Args:
+        value: What the user gave.
+        options: The legal values (strings, or a ``StrEnum``'s members).
+        name: The argument or flag, used in the error (``"--sampler"``, ``"preset"``).
+
+    Raises:
+        ValueError: ``value`` is not an option; the message names ``name``, the value, the
+            options and the closest one.
+    """
+    opts = list(options)
+    for o in opts:
+        if value == o:
+            return o
+    raise ValueError(
+        f"{name} must be one of {[str(o) for o in opts]}, got {value!r}{did_you_mean(str(value), opts)}"
+    )
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (``None``: unchanged).
+
+    Raises:
+        ValueError: ``n`` is smaller than 1.
+    """
+    if n is None:
+        yield
+        return
+    if int(n) < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def best_device() -> str:
+    """``"cuda"`` if available, else ``"mps"`` if available, else ``"cpu"``."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_only() -> bool:
+    """True when no accelerator is present.
+
+    ``accelerate`` then needs ``cpu=True`` to run several processes (``torchrun`` or
+    ``accelerate launch``) as a gloo data-parallel group instead of independent single runs.
+    """
+    return best_device() == "cpu"

@@ -1,0 +1,191 @@
+"""Metadata files of the imagefolder convention (``metadata.jsonl`` / ``metadata.csv``).
+
+Reads rows, converts CSV cells to attribute values, and resolves ``file_name`` inside the data
+folder (:func:`resolve_member`, the one resolver every reader uses).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterable, Mapping
+
+from generator.data.records import ATTRIBUTE_KEYS
+
+__all__ = [
+    "METADATA_NAMES", "walk_files", "find_metadata", "read_metadata_rows", "convert_csv_cell",
+    "split_row", "split_fragment", "parse_age", "resolve_member",
+]
+
+#: Metadata file names of the imagefolder convention, in order of preference.
+METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+
+
+def walk_files(root: Path) -> list[Path]:
+    """All files under ``root`` (recursively, hidden entries skipped), sorted."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def find_metadata(root: Path) -> list[Path]:
+    """Metadata files under ``root`` (one per folder; ``.jsonl`` and ``.csv`` together is an error)."""
+    found: list[Path] = []
+    for p in walk_files(root):
+        if p.name in METADATA_NAMES:
+            found.append(p)
+    by_dir: dict[Path, list[Path]] = {}
+    for p in found:
+        by_dir.setdefault(p.parent, []).append(p)
+    for d, ps in by_dir.items():
+        if len(ps) > 1:
+            raise ValueError(f"{d} has both {' and '.join(p.name for p in ps)}; keep only one metadata file")
+    return found
+
+
+def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
+    """Rows of a metadata file (``file_name`` and ``text`` columns required).
+
+    Raises:
+        ValueError: malformed file, or a missing ``file_name``/``text`` column (naming the file and
+            the columns found).
+    """
+    rows: list[dict[str, Any]] = []
+    if meta.suffix == ".jsonl":
+        with open(meta, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{meta}: line {i} is not valid JSON ({exc})") from exc
+                if not isinstance(row, dict):
+                    raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
+                rows.append(row)
+        if not rows:
+            return rows  # an empty JSON Lines file has no columns to check: an empty dataset
+        columns: list[str] = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    else:
+        with open(meta, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            for row in reader:
+                rows.append({(k or "").strip(): v for k, v in row.items() if k is not None})
+    missing = [c for c in ("file_name", "text") if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{meta}: metadata needs the columns 'file_name' and 'text' (missing {missing}); "
+            f"columns found: {columns}"
+        )
+    return rows
+
+
+def convert_csv_cell(key: str, value: Any) -> Any:
+    """CSV cell -> attribute value (``None`` for an empty cell)."""
+    if value is None:
+        return None
+    v = str(value).strip()
+    if v == "":
+        return None
+    if key in ("age", "label"):
+        try:
+            f = float(v)
+            if f.is_integer():
+                return int(f)
+            return f
+        except ValueError:
+            if key == "age":
+                years = parse_age(v)
+                return v if years is None else years
+            return v
+    if key == "findings" and v[:1] in ("[", "{"):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    return v
+
+
+def split_row(row: Mapping[str, Any], from_csv: bool,
+               skip_keys: Iterable[str] = ("file_name", "text")) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a metadata row into (attributes, extra)."""
+    attributes: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    skip = set(skip_keys)
+    for k, v in row.items():
+        if k in skip:
+            continue
+        if k in ATTRIBUTE_KEYS:
+            v = convert_csv_cell(k, v) if from_csv else v
+            if v is not None:
+                attributes[k] = v
+        else:
+            extra[k] = v
+    return attributes, extra
+
+
+def split_fragment(file_name: str) -> tuple[str, str | None]:
+    """``"vol.nii.gz#z=12"`` -> (``"vol.nii.gz"``, ``"z=12"``); no fragment -> (name, None)."""
+    if "#" in file_name:
+        base, frag = file_name.rsplit("#", 1)
+        if "=" in frag:
+            return base, frag
+    return file_name, None
+
+
+def parse_age(value: str | None) -> int | None:
+    """Age text -> whole years: DICOM Age String (``"047Y"``, ``"006M"``, ``"010D"``) or a number."""
+    if not value:
+        return None
+    v = value.strip().upper()
+    try:
+        if v[-1:] in ("Y", "M", "W", "D"):
+            n = int(v[:-1])
+            return {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[v[-1]]
+        return int(float(v))
+    except ValueError:
+        return None
+
+
+def resolve_member(root: Path, file_name: str, *, source: Path | None = None, row: int | None = None) -> Path:
+    """Resolve a metadata ``file_name`` inside the folder ``root``; refuse anything that leaves it.
+
+    The one resolver of every reader (training, index, audit; ``exporters.folder.resolve_member``
+    is a marked copy). Refused: non-strings and empty names, absolute POSIX or Windows paths
+    (``/x``, ``C:\\x``, ``\\\\server\\x``), backslashes, and names whose resolved path (``..``
+    and symlinks followed) is not inside ``root``.
+
+    Args:
+        root: The folder that the metadata file describes.
+        file_name: The row's ``file_name`` (POSIX separators, relative to ``root``).
+        source: The metadata file, for the error message.
+        row: The row number (1-based), for the error message.
+
+    Returns:
+        The resolved absolute path (it may not exist).
+
+    Raises:
+        ValueError: the name is refused; the message names ``source``, ``row`` and the value.
+    """
+    where = f"{source}" if source is not None else str(root)
+    if row is not None:
+        where += f" row {row}"
+    if not isinstance(file_name, str) or not file_name.strip():
+        raise ValueError(f"{where}: file_name {file_name!r} is not a relative path")
+    name = file_name.strip()
+    if "\\" in name or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
+        raise ValueError(f"{where}: file_name {name!r} must be a relative POSIX path inside {root}")
+    base = Path(root).resolve()
+    target = (base / name).resolve()
+    if target != base and base not in target.parents:
+        raise ValueError(f"{where}: file_name {name!r} points outside {root}")
+    if target == base:
+        raise ValueError(f"{where}: file_name {name!r} names the folder itself, not a file")
+    return target

@@ -1,0 +1,62 @@
+"""Wiring shared by the verbs that generate (``generate``, ``demo``): the privacy gate, the export
+hook. The only place that joins generator, privacy and
+exporters (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["privacy_gate", "export_hook"]
+
+
+def privacy_gate(index: Any, resolution: int):
+    """A ``generation.Gate`` from an index folder (or a loaded ``PrivacyGate``).
+
+    Raises:
+        ValueError: the index was built at another resolution than the model's.
+    """
+    from privacy.gate import PrivacyGate
+
+    gate = index if isinstance(index, PrivacyGate) else PrivacyGate.load(index)
+    if int(gate.resolution) != int(resolution):
+        raise ValueError(
+            f"--privacy-index was built at {gate.resolution} px but the model makes {resolution} px "
+            f"images: rebuild the index with --resolution {resolution}"
+        )
+
+    def check(images):
+        return [v.manifest_fields() for v in gate.check(images)]
+
+    return check
+
+
+def export_hook(formats: set[str], output: Path, info: Any, *, modality: str | None = None,
+                images_per_study: int = 1):
+    """A ``generation.ImageHook`` exporting each image as it is made; ``None`` for PNG only.
+
+    The exporters own ``output/dicom`` and ``output/nifti`` and may overwrite there: the output
+    folder belongs to this run (checked by ``prepare_output``), and an image whose manifest line was
+    not written before an interruption is made and exported again.
+    """
+    formats = set(formats) - {"png"}
+    if not formats:
+        return None
+    from exporters import DicomExporter, NiftiExporter
+
+    from radsynth import __version__
+
+    modality = (modality or info.modality or "DX").upper()
+    common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
+              "intensity": info.intensity}
+    exporters: dict[str, Any] = {}
+    if "dicom" in formats:
+        exporters["dicom_file"] = DicomExporter(output / "dicom", modality,
+                                                images_per_study=images_per_study, **common)
+    if "nifti" in formats:
+        exporters["nifti_file"] = NiftiExporter(output / "nifti", modality, **common)
+
+    def hook(image, line):
+        return {key: exp.add(image, line)[0].relative_to(output).as_posix() for key, exp in exporters.items()}
+
+    return hook
