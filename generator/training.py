@@ -42,7 +42,8 @@ from generator.models.config import TrainConfig
 from generator._utils import cpu_only
 from generator.data import IngestResult
 from generator.models.model_folder import save_model_folder
-from generator.models.build import build_noise_scheduler, build_unet, build_vae, make_sampler
+from generator.models.build import build_noise_scheduler, build_unet, build_vae
+from generator.models.samplers import make_sampler
 from generator.models.pipeline import RadSynthPipeline
 
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.

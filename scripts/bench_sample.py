@@ -90,7 +90,8 @@ def build_pipeline(spec: str) -> Any:
         return pipe
     from conditioning.text_encoder import hidden_size, load_text_encoder
     from generator.models.config import get_preset
-    from generator.models.build import build_noise_scheduler, build_unet, build_vae, make_sampler
+    from generator.models.build import build_noise_scheduler, build_unet, build_vae
+    from generator.models.samplers import make_sampler
     from generator.models.pipeline import RadSynthPipeline
 
     preset, res, latent = rest.split(":")
@@ -304,7 +305,7 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     from generator.evaluation import frechet_distance, roc_auc, synthetic_to_real_auc, train_classifier
     from generator.data import load_dataset
     from generator.models.model_folder import load_pipeline
-    from generator.models.build import make_sampler
+    from generator.models.samplers import make_sampler
 
     pipe, info = load_pipeline(args.model, device="cpu", half=False)
     res = int(info.resolution)

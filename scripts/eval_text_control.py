@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from conditioning.prompts import build_prompt  # noqa: E402
 from generator.demo import bundled_model_path  # noqa: E402
 from generator.models.model_folder import load_pipeline  # noqa: E402
-from generator.models.build import make_sampler  # noqa: E402
+from generator.models.samplers import make_sampler  # noqa: E402
 from generator.phantoms import render_phantom  # noqa: E402
 from generator.phantoms.measure import matches_prompt, measure  # noqa: E402
 

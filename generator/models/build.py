@@ -1,31 +1,15 @@
 """Builders for the two networks and the noise schedulers, from a :class:`TrainConfig`.
 
 The VAE is a single-channel ``diffusers.AutoencoderKL``; the denoiser a
-``diffusers.UNet2DConditionModel`` with cross-attention on text-encoder hidden states.
+``diffusers.UNet2DConditionModel`` with cross-attention on text-encoder hidden states. Sampling
+schedulers are in :mod:`generator.models.samplers`.
 """
 
 from __future__ import annotations
 
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UNet2DConditionModel,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from generator.models.config import TrainConfig, did_you_mean
-
-#: Sampler names accepted by ``radsynth generate --sampler``.
-SAMPLERS = {
-    "dpm": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "ddpm": DDPMScheduler,
-}
-
+from generator.models.config import TrainConfig
 
 def build_vae(cfg: TrainConfig, resolution: int, channels: int = 1) -> AutoencoderKL:
     """A fresh VAE mapping ``(B, channels, resolution, resolution)`` images in ``[-1, 1]`` to
@@ -74,20 +58,3 @@ def build_noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:
         prediction_type=cfg.prediction_type,
         clip_sample=False,
     )
-
-
-def make_sampler(name: str, base: SchedulerMixin) -> SchedulerMixin:
-    """A sampling scheduler of kind ``name`` sharing ``base``'s noise schedule.
-
-    Raises:
-        ValueError: unknown sampler name, with a "did you mean".
-    """
-    if name not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}{did_you_mean(name, SAMPLERS)}")
-    cls = SAMPLERS[name]
-    extra = {}
-    if name == "dpm":
-        extra = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-    elif name == "ddim":
-        extra = {"clip_sample": False, "set_alpha_to_one": False}
-    return cls.from_config(base.config, **extra)

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.gallery import folder_contact_sheet
     from generator.generation import generate_to_folder, make_requests, prepare_output, regenerate_line
     from generator.manifest import save_png, sort_manifest
-    from generator.models.build import make_sampler
+    from generator.models.samplers import make_sampler
     from generator.models.model_folder import load_pipeline
     from radsynth.commands._wiring import export_hook, privacy_gate
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from generator.models.model_folder import load_pipeline, read_model_info
-from generator.models.build import make_sampler
+from generator.models.samplers import make_sampler
 
 
 @pytest.fixture(scope="module")
