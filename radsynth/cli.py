@@ -23,6 +23,7 @@ VERBS: dict[str, str] = {
     "export": "export",
     "phantoms": "phantoms",
     "demo": "demo",
+    "stress-test": "stress_test",
 }
 
 _SUMMARY = {
@@ -33,6 +34,7 @@ _SUMMARY = {
     "export": "convert an image folder to DICOM studies or NIfTI volumes with synthetic headers",
     "phantoms": "write procedural chest radiograph phantoms with reports (demo/test data)",
     "demo": "run the whole pipeline on the bundled demo model",
+    "stress-test": "test a classifier on synthetic counterfactuals (does it break when X changes?)",
 }
 
 
