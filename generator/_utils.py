@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only"]
+__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only", "check_device"]
 
 T = TypeVar("T", bound=str)
 
@@ -79,3 +79,19 @@ def cpu_only() -> bool:
     ``accelerate launch``) as a gloo data-parallel group instead of independent single runs.
     """
     return best_device() == "cpu"
+
+
+def check_device(device: str) -> str:
+    """Check that a requested torch device exists here.
+
+    Raises:
+        ValueError: the device is unknown or not available on this machine (naming it).
+    """
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device must be cpu, cuda or mps, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for but MPS is not available on this machine")
+    return str(device)

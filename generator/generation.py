@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from generator.manifest import MANIFEST, append_line, read_manifest, save_png, sort_manifest
 from generator.models.model_folder import ModelInfo
 from generator.models.pipeline import RadSynthPipeline
+from generator.models.samplers import make_sampler
 
 RUN_FILE = "generation.json"
 
@@ -36,6 +38,9 @@ Gate = Callable[[np.ndarray], list[dict[str, Any]]]
 ImageHook = Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]
 
 _RESAMPLE_STRIDE = 1_000_003
+#: Upper bounds of the sampling settings (beyond them a run is a mistake, not a choice).
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,7 @@ def generate_to_folder(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_sampling_settings(steps, guidance_scale)
     if max_resample < 0:
         raise ValueError(f"max_resample must be >= 0, got {max_resample}")
     output = Path(output)
@@ -228,8 +234,9 @@ def generate_to_folder(
                 "request_seed": req.seed,
                 "rejected_seeds": rejected,
                 "model": info.model_hash,
-                "model_path": str(info.path),
+                "model_name": Path(info.path).name,
                 "sampler": sampler,
+                "precision": "bf16" if autocast_bf16 else "fp32",
                 "steps": steps,
                 "guidance_scale": guidance_scale,
                 "negative_prompt": negative_prompt,
@@ -253,22 +260,59 @@ def generate_to_folder(
     return summary
 
 
-def regenerate_line(
-    pipe: RadSynthPipeline, line: dict[str, Any]
-) -> np.ndarray:
-    """Re-make the image of one manifest line: ``(H, W)`` float32 in ``[0, 1]``.
+def check_sampling_settings(steps: Any, guidance_scale: Any, *, source: str = "") -> tuple[int, float]:
+    """Validate the number of steps and the guidance scale (from a flag or a manifest line).
+
+    Returns:
+        ``(steps, guidance_scale)`` as ``int`` and ``float``.
 
     Raises:
-        ValueError: the line lacks ``text``, ``seed``, ``steps`` or ``guidance_scale``.
+        ValueError: ``steps`` not an integer in ``[1, MAX_STEPS]`` or ``guidance_scale`` not a
+            finite number in ``[0, MAX_GUIDANCE]``; the message names the field and ``source``.
     """
+    where = f" ({source})" if source else ""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}{where}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
+            or not math.isfinite(float(guidance_scale)) or not 0.0 <= float(guidance_scale) <= MAX_GUIDANCE:
+        raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], "
+                         f"got {guidance_scale!r}{where}")
+    return int(steps), float(guidance_scale)
+
+
+def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:
+    """Re-make the image of one manifest line: ``(H, W)`` float32 in ``[0, 1]``.
+
+    Uses the line's own ``sampler``, ``steps``, ``guidance_scale``, ``negative_prompt``, ``seed``
+    and ``precision``, so the pixels equal those of the original run on the same model. The
+    pipeline's scheduler is replaced by the line's sampler.
+
+    Raises:
+        ValueError: the line is not a JSON object, lacks ``text``, ``seed``, ``steps`` or
+            ``guidance_scale``, or holds a value out of range (an unknown sampler, a NaN guidance).
+    """
+    if not isinstance(line, dict):
+        raise ValueError(f"a manifest line must be a JSON object, got {type(line).__name__}")
     missing = [k for k in ("text", "seed", "steps", "guidance_scale") if k not in line]
     if missing:
         raise ValueError(f"manifest line lacks {missing}: {json.dumps(line)[:200]}")
+    steps, guidance = check_sampling_settings(line["steps"], line["guidance_scale"], source="manifest line")
+    text, seed, negative = line["text"], line["seed"], line.get("negative_prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"manifest line: text must be a non-empty string, got {text!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"manifest line: seed must be a non-negative integer, got {seed!r}")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
+    precision = line.get("precision", "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"manifest line: precision must be 'fp32' or 'bf16', got {precision!r}")
+    pipe.scheduler = make_sampler(str(line.get("sampler", "dpm")), pipe.scheduler)
     return pipe(
-        [line["text"]],
-        seeds=[int(line["seed"])],
-        negative_prompt=line.get("negative_prompt"),
-        num_inference_steps=int(line["steps"]),
-        guidance_scale=float(line["guidance_scale"]),
+        [text],
+        seeds=[seed],
+        negative_prompt=negative,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        autocast_bf16=precision == "bf16",
     ).images[0]
-

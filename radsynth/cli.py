@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import json
 import sys
-from typing import Sequence
+import traceback
+from typing import NoReturn, Sequence
 
 from radsynth import __version__
 
@@ -38,18 +40,26 @@ _SUMMARY = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose usage errors are one line (flag and problem) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _load(verb: str):
     return importlib.import_module(f"radsynth.commands.{VERBS[verb]}")
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only ``verb``'s sub-parser is filled in (others stay cheap)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="radsynth",
         description="RadSynth: synthetic radiology data with a privacy audit and DICOM/NIfTI export.",
         epilog="Run 'radsynth <verb> --help' for a verb's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"radsynth {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="verb", metavar="<verb>")
     for name in VERBS:
         if name == verb:
@@ -84,8 +94,15 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``radsynth`` console script; returns the exit status."""
+    """Entry point of the ``radsynth`` console script; returns the exit status.
+
+    Exit status: 0 success; 2 a usage error or bad input (a flag, a file, a folder: the message
+    names it); 1 a failure at run time (permissions, disk, device, an unexpected error); 130
+    interrupted. Errors are one line on stderr; ``--debug`` (anywhere on the line) adds the traceback.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     verb = next((a for a in argv if not a.startswith("-")), None)
     if verb is not None and verb not in VERBS:
         close = difflib.get_close_matches(verb, list(VERBS), n=1)
@@ -93,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"radsynth: unknown verb '{verb}'.{hint} Verbs: {', '.join(VERBS)}", file=sys.stderr)
         return 2
     parser = build_parser(verb)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # usage error (status 2) or --help/--version (status 0)
+        return int(stop.code or 0) if not isinstance(stop.code, str) else 2
     if verb is None:
         parser.print_help()
         return 0
@@ -103,9 +123,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("radsynth: interrupted; finished files are kept, run again to continue.", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"radsynth {verb}: error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line (with --debug: traceback)
+        if debug:
+            traceback.print_exc()
+        status, message = describe_error(exc)
+        print(f"radsynth {verb}: error: {message}", file=sys.stderr)
+        return status
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """Exit status and one-line message for an error raised by a verb.
+
+    Bad input (``ValueError`` and its kin, missing or clashing files) is status 2; everything else
+    (permissions, disk, devices, library failures) is status 1. The message is the error's own
+    text on one line; errors that carry a file name (``OSError``) name it.
+    """
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.strerror or exc}: {exc.filename}"
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())  # one line
+    if len(text) > 2000:
+        text = text[:2000] + " ..."
+    usage = (ValueError, LookupError, FileNotFoundError, FileExistsError, NotADirectoryError,
+             IsADirectoryError, json.JSONDecodeError)
+    if isinstance(exc, usage):
+        return 2, text
+    known = (OSError, RuntimeError, MemoryError)
+    if isinstance(exc, known):
+        return 1, text
+    return 1, f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":  # pragma: no cover

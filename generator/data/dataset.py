@@ -34,6 +34,9 @@ __all__ = ["load_dataset"]
 
 logger = logging.getLogger(__name__)
 
+#: Smallest image side accepted (a smaller image cannot be a radiograph; upsampling it invents data).
+MIN_SIDE = 4
+
 #: DICOM modalities that carry pixel data but are not images to learn from (DICOM folder mode).
 _NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG", "SR", "PR", "KO"})
 #: File name endings counted as images when reporting files not listed in metadata.
@@ -153,7 +156,8 @@ def load_dataset(
     if progress:
         print(f"radsynth ingest: {summary}", file=sys.stderr)
     if not records:
-        raise ValueError(f"no usable image in {root}: {summary}")
+        first = "; ".join(f"{k.path}: {k.reason}" for k in state.skipped[:3])
+        raise ValueError(f"no usable image in {root}: {summary}" + (f". First: {first}" if first else ""))
     counts = Counter(r.intensity for r in records)
     intensity = counts.most_common(1)[0][0]
     if len(counts) > 1:
@@ -180,6 +184,10 @@ class _State:
 
     def add(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
             intensity: IntensityMapping, extra: dict[str, Any]) -> None:
+        if image.ndim != 2 or min(image.shape) < MIN_SIDE:
+            self.skip(file_name, f"too small: {'x'.join(map(str, image.shape))} pixels "
+                                 f"(an image needs at least {MIN_SIDE}x{MIN_SIDE})")
+            return
         if self.resolution is not None:
             image = readers.area_resize(image, self.resolution)
         self.records.append(ImageRecord(file_name=file_name, text=text,
@@ -220,6 +228,7 @@ def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], ni
     root_abs = root.resolve()
     # image file (relative POSIX path) -> list of (fragment, row, from_csv, metadata name)
     groups: dict[str, list[tuple[str | None, dict[str, Any], bool, str]]] = {}
+    seen: dict[tuple[str, str | None], str] = {}
     for meta in metas:
         from_csv = meta.suffix == ".csv"
         meta_rel = meta.relative_to(root).as_posix()
@@ -232,6 +241,12 @@ def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], ni
                 state.skip(meta_rel, f"bad metadata row: {exc}")
                 continue
             rel = target.relative_to(root_abs).as_posix()
+            if (rel, frag) in seen:
+                state.skip(f"{rel}{'#' + frag if frag else ''}",
+                           f"duplicate row: {meta_rel} row {i} names the same image as {seen[(rel, frag)]} "
+                           "(the first row is used)")
+                continue
+            seen[(rel, frag)] = f"{meta_rel} row {i}"
             groups.setdefault(rel, []).append((frag, row, from_csv, meta_rel))
 
     listed = set(groups)

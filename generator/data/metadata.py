@@ -56,14 +56,15 @@ def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
     """
     rows: list[dict[str, Any]] = []
     if meta.suffix == ".jsonl":
-        with open(meta, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+        with open(meta, "rb") as f:
+            for i, raw in enumerate(f, 1):
                 try:
+                    line = raw.decode("utf-8")
+                    if not line.strip():
+                        continue
                     row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{meta}: line {i} is not valid JSON ({exc})") from exc
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise ValueError(f"{meta}: line {i} is not valid UTF-8 JSON ({exc})") from exc
                 if not isinstance(row, dict):
                     raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
                 rows.append(row)
@@ -74,10 +75,19 @@ def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
             columns.extend(k for k in row if k not in columns)
     else:
         with open(meta, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            for row in reader:
-                rows.append({(k or "").strip(): v for k, v in row.items() if k is not None})
+            reader = csv.DictReader(f, strict=True)
+            try:
+                columns = [c.strip() for c in (reader.fieldnames or [])]
+                for row in reader:
+                    if None in row:
+                        raise ValueError(f"{meta}: line {reader.line_num} has more cells than the "
+                                         f"{len(columns)} columns of the header")
+                    rows.append({(k or "").strip(): v for k, v in row.items()})
+            except csv.Error as exc:
+                raise ValueError(f"{meta}: malformed CSV near line {reader.line_num} ({exc}; an "
+                                 "unterminated quote swallows the rows after it)") from exc
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{meta}: not UTF-8 text ({exc})") from exc
     missing = [c for c in ("file_name", "text") if c not in columns]
     if missing:
         raise ValueError(

@@ -336,6 +336,10 @@ def read_dicom(
 
     bits = int(ds.get("BitsStored", 8) or 8)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableData" not in ds:
+        raise UnreadableFile("PALETTE COLOR image without a palette colour lookup table")
+    if spp == 1 and photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"):
+        raise UnreadableFile(f"{spp} sample per pixel but PhotometricInterpretation {photometric!r}")
     rescale_type = _str(ds, "RescaleType")
     if header.modality == "CT":
         unit = "HU"
@@ -343,6 +347,15 @@ def read_dicom(
         unit = rescale_type if rescale_type and rescale_type != "US" else ""
 
     out: list[Frame] = []
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = np.asarray(apply_color_lut(arr, ds))  # (frames, H, W, 3) on the table's scale
+        except Exception as exc:  # noqa: BLE001 - a malformed table is a reason to skip
+            raise UnreadableFile(f"PALETTE COLOR lookup table cannot be applied: {exc}") from exc
+        bits = int(np.iinfo(arr.dtype).bits) if arr.dtype.kind in "ui" else bits
+        spp = 3
     if spp != 1:
         # Colour: pydicom already returns RGB for YBR; convert to luma on the stored scale.
         full = float(2**bits - 1)
@@ -354,6 +367,11 @@ def read_dicom(
         return out, header
 
     src = _lut_item(ds, "RescaleSlope", "PixelValueTransformationSequence")
+    if src is not None and "RescaleSlope" in src:
+        slope = _first(src.get("RescaleSlope"))
+        if slope is None or not np.isfinite(slope) or slope == 0:
+            raise UnreadableFile(f"RescaleSlope {src.get('RescaleSlope')!r} would map every pixel to one "
+                                 "value (it must be a non-zero number)")
     for i in range(frames_n):
         frame = arr[i]
         if src is ds or src is None:

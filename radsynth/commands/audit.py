@@ -28,14 +28,16 @@ _IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz", ".tif", ".
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``radsynth audit``."""
-    parser.add_argument("--index", required=True, type=Path, metavar="INDEX_DIR",
+    from radsynth._args import existing_dir, float_in, new_file
+
+    parser.add_argument("--index", required=True, type=existing_dir, metavar="INDEX_DIR",
                         help="reference index folder written by 'radsynth index'")
-    parser.add_argument("--synthetic", required=True, type=Path, metavar="DIR",
+    parser.add_argument("--synthetic", required=True, type=existing_dir, metavar="DIR",
                         help="synthetic imagefolder (images + metadata.jsonl)")
-    parser.add_argument("--alpha", type=float,
+    parser.add_argument("--alpha", type=float_in(0.0, 0.5, lo_open=True),
                         help="false-flag rate for 'reject' (default: the index's alpha)")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the full audit as JSON")
-    parser.add_argument("--html", type=Path, metavar="FILE",
+    parser.add_argument("--json", type=new_file, metavar="FILE", help="write the full audit as JSON")
+    parser.add_argument("--html", type=new_file, metavar="FILE",
                         help="write the review page (contains training images: keep it with the index)")
     parser.add_argument("--no-self-test", action="store_true", help="skip the planted-copy self-test")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
     from privacy.index import ReferenceIndex
     from privacy.report import write_html, write_json
 
-    if args.alpha is not None and not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     index = ReferenceIndex.load(args.index)
     folder = args.synthetic
     if not folder.is_dir():

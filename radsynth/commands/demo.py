@@ -39,14 +39,17 @@ DEMO_REQUESTS: list[dict[str, Any]] = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth demo``."""
+    from generator.generation import MAX_GUIDANCE, MAX_STEPS
+    from radsynth._args import existing_dir, float_in, int_in, seed
+
     p.add_argument("--output", required=True, help="folder for everything the demo writes")
-    p.add_argument("--images-per-prompt", type=int, default=3, help="images per prompt (default 3)")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--images-per-prompt", type=int_in(1, 1000), default=3, help="images per prompt (default 3)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=20, help="sampler steps (default 20)")
+    p.add_argument("--guidance-scale", type=float_in(0.0, MAX_GUIDANCE), default=None,
                    help="classifier-free guidance (default: the model's recommended value)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help="another model trained on phantoms (default: bundled)")
-    p.add_argument("--reference-images", type=int, default=None,
+    p.add_argument("--seed", type=seed, default=0, help="base seed of the teaching set (default 0)")
+    p.add_argument("--model", type=existing_dir, default=None, help="another model trained on phantoms (default: bundled)")
+    p.add_argument("--reference-images", type=int_in(1, 1_000_000), default=None,
                    help="phantoms rebuilt for the privacy index (default: the model's whole training set)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,10 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from privacy.report import write_html, write_json
     from radsynth.commands._wiring import export_hook, privacy_gate
 
-    if args.images_per_prompt < 1:
-        raise ValueError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:

@@ -38,28 +38,31 @@ EPILOG = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth generate``."""
+    from generator.generation import MAX_GUIDANCE, MAX_STEPS
+    from radsynth._args import existing_dir, existing_file, float_in, int_in, new_file, seed
+
     p.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
-    p.add_argument("--prompts", default=None, help="CSV or JSONL prompt file")
-    p.add_argument("--num-images", type=int, default=1, help="images per --prompt (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; image i gets seed+i")
+    p.add_argument("--prompts", type=existing_file, default=None, help="CSV or JSONL prompt file")
+    p.add_argument("--num-images", type=int_in(1, 100_000), default=1, help="images per --prompt (default 1)")
+    p.add_argument("--seed", type=seed, default=0, help="base seed; image i gets seed+i")
     p.add_argument("--output", default="synthetic", help="output folder (default ./synthetic)")
-    p.add_argument("--steps", type=int, default=25, help="sampler steps (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (default 2)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=25, help="sampler steps (default 25)")
+    p.add_argument("--guidance-scale", type=float_in(0.0, MAX_GUIDANCE), default=2.0, help="classifier-free guidance (default 2)")
     p.add_argument("--sampler", default="dpm", help="dpm | ddim | euler | ddpm (default dpm)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--grid", default=None, metavar="FILE.png", help="write a captioned contact sheet")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--grid", type=new_file, default=None, metavar="FILE.png", help="write a captioned contact sheet")
     p.add_argument("--overwrite", action="store_true", help="replace another run's output")
-    p.add_argument("--privacy-index", default=None, help="index from 'radsynth index': reject copies")
-    p.add_argument("--max-resample", type=int, default=3, help="attempts for a rejected image (default 3)")
+    p.add_argument("--privacy-index", type=existing_dir, default=None, help="index from 'radsynth index': reject copies")
+    p.add_argument("--max-resample", type=int_in(0, 100), default=3, help="attempts for a rejected image (default 3)")
     p.add_argument("--format", action="append", default=None, choices=["png", "dicom", "nifti"],
                    help="png (always written), dicom, nifti; repeatable")
     p.add_argument("--modality", default=None, help="DICOM modality override (DX, CT, MR)")
-    p.add_argument("--images-per-study", type=int, default=1, help="DICOM: images per synthetic patient")
+    p.add_argument("--images-per-study", type=int_in(1, 100_000), default=1, help="DICOM: images per synthetic patient")
     p.add_argument("--from-manifest", default=None, metavar="LINE",
                    help="regenerate the image of one metadata.jsonl line (JSON text)")
-    p.add_argument("--device", default=None, help="cuda | mps | cpu (default: best available)")
+    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="cuda | mps | cpu (default: best available)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -67,8 +70,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prompt_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | None, int]]:
     from conditioning.prompt_file import read_prompt_file
 
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     if args.prompt and args.prompts:
         raise ValueError("give --prompt or --prompts, not both")
     if args.prompts:
@@ -90,20 +91,24 @@ def run(args: argparse.Namespace) -> int:
     from generator.gallery import folder_contact_sheet
     from generator.generation import generate_to_folder, make_requests, prepare_output, regenerate_line
     from generator.manifest import save_png, sort_manifest
+    from diffusers import DDPMScheduler
+
+    from generator._utils import check_device
     from generator.models.samplers import make_sampler
     from generator.models.model_folder import load_pipeline
     from radsynth.commands._wiring import export_hook, privacy_gate
 
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device is not None:
+        check_device(args.device)
+    if args.from_manifest is None:
+        make_sampler(args.sampler, DDPMScheduler())  # an unknown --sampler fails before the model loads
     rows = None if args.from_manifest else _prompt_rows(args)
     model_path = resolve_model(args.model)
     state = PartialState(cpu=cpu_only())
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
     pipe, info = load_pipeline(model_path, device=device)
-    pipe.scheduler = make_sampler(args.sampler, pipe.scheduler)
+    if not args.from_manifest:
+        pipe.scheduler = make_sampler(args.sampler, pipe.scheduler)
     output = Path(args.output)
 
     if args.from_manifest:
@@ -111,8 +116,14 @@ def run(args: argparse.Namespace) -> int:
             line = json.loads(args.from_manifest)
         except json.JSONDecodeError as exc:
             raise ValueError(f"--from-manifest must be one JSON line of metadata.jsonl ({exc.msg})") from None
+        if not isinstance(line, dict):
+            raise ValueError(f"--from-manifest must be a JSON object (one metadata.jsonl line), "
+                             f"got a {type(line).__name__}")
+        name = line.get("file_name", "regenerated.png")
+        if not isinstance(name, str) or not name.strip() or Path(name).name in ("", ".", ".."):
+            raise ValueError(f"--from-manifest: file_name must be a file name, got {name!r}")
         output.mkdir(parents=True, exist_ok=True)
-        target = output / Path(line.get("file_name", "regenerated.png")).name
+        target = output / Path(name).name
         if target.exists() and not args.overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
         if line.get("model") and line["model"] != info.model_hash:
@@ -121,14 +132,14 @@ def run(args: argparse.Namespace) -> int:
         image = regenerate_line(pipe, line)
         bits = 16 if int(info.intensity.get("bits_stored", 8)) > 8 else 8
         save_png(image, target, bits=bits)
-        print(f"regenerated {target}")
+        print(f"regenerated {target} (sampler {line.get('sampler', 'dpm')}, seed {line['seed']})")
         return 0
 
     requests = make_requests(rows, args.seed)
     settings = {
         "model": info.model_hash, "steps": args.steps, "guidance_scale": args.guidance_scale,
         "sampler": args.sampler, "negative_prompt": args.negative_prompt,
-        "privacy_index": args.privacy_index, "formats": sorted(set(args.format or ["png"])),
+        "privacy_index": None if args.privacy_index is None else Path(args.privacy_index).name, "formats": sorted(set(args.format or ["png"])),
         "max_resample": args.max_resample,
     }
     if state.is_main_process:

@@ -26,24 +26,26 @@ EPILOG = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``radsynth index``."""
-    parser.add_argument("--data", required=True, type=Path, metavar="TRAIN_DIR",
+    from radsynth._args import existing_path, float_in, int_in, seed
+
+    parser.add_argument("--data", required=True, type=existing_path, metavar="TRAIN_DIR",
                         help="training data folder (imagefolder with metadata.jsonl, or a DICOM folder)")
     parser.add_argument("--output", required=True, type=Path, metavar="INDEX_DIR",
                         help="index folder to write (a separate artifact: it holds training data)")
-    parser.add_argument("--holdout", type=Path, metavar="HOLDOUT_DIR",
+    parser.add_argument("--holdout", type=existing_path, metavar="HOLDOUT_DIR",
                         help="real images never used in training, for calibration "
                              "(default: a patient-disjoint split of --data)")
-    parser.add_argument("--alpha", type=float, default=0.01,
+    parser.add_argument("--alpha", type=float_in(0.0, 0.5, lo_open=True), default=0.01,
                         help="false-flag rate for 'reject' (default 0.01; 0.001 to gate a release)")
-    parser.add_argument("--review-alpha", type=float, default=0.05,
+    parser.add_argument("--review-alpha", type=float_in(0.0, 0.5, lo_open=True), default=0.05,
                         help="false-flag rate for 'review' (default 0.05)")
-    parser.add_argument("--resolution", type=int, metavar="R",
+    parser.add_argument("--resolution", type=int_in(8, 1024), metavar="R",
                         help="resize images to R x R (default: the training images' size if all equal)")
-    parser.add_argument("--holdout-fraction", type=float, default=0.2,
+    parser.add_argument("--holdout-fraction", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=0.2,
                         help="share of patients held out when no --holdout is given (default 0.2)")
-    parser.add_argument("--embedder-steps", type=int, default=400,
+    parser.add_argument("--embedder-steps", type=int_in(0, 100_000), default=400,
                         help="training steps of the copy-detection embedding (default 400)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split and the embedder")
+    parser.add_argument("--seed", type=seed, default=0, help="seed for the split and the embedder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing INDEX_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -69,10 +71,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output.exists() and not args.overwrite:
         raise FileExistsError(f"{args.output} already exists; pass --overwrite to replace it")
-    if not 0.0 < args.alpha < 1.0:
-        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
-    if args.resolution is not None and args.resolution < 8:
-        raise ValueError(f"--resolution must be >= 8, got {args.resolution}")
     progress = not args.quiet
     train = load_dataset(args.data, resolution=args.resolution, progress=progress)
     if not train.records:
@@ -97,12 +95,10 @@ def run(args: argparse.Namespace) -> int:
         embedder_config=EmbedderConfig(steps=args.embedder_steps, seed=args.seed),
         seed=args.seed, progress=progress, **kwargs,
     )
-    index.info["data"] = str(args.data)
-    index.info["holdout_dir"] = None if args.holdout is None else str(args.holdout)
-    try:
-        index.info["data_fingerprint"] = train.fingerprint()
-    except Exception:  # noqa: BLE001 - the fingerprint is informative only
-        pass
+    # names only: an index may be moved, and its JSON should not reveal the training machine's paths
+    index.info["data"] = Path(args.data).name
+    index.info["holdout_dir"] = None if args.holdout is None else Path(args.holdout).name
+    index.info["data_fingerprint"] = train.fingerprint()
     index.save(args.output, overwrite=args.overwrite)
     h = index.holdout
     thr = index.thresholds()

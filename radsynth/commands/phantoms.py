@@ -20,10 +20,12 @@ EPILOG = """examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``radsynth phantoms``."""
-    parser.add_argument("--num-images", type=int, required=True, metavar="N", help="number of phantoms to write")
+    from radsynth._args import int_in, seed
+
+    parser.add_argument("--num-images", type=int_in(1, 10_000_000), required=True, metavar="N", help="number of phantoms to write")
     parser.add_argument("--output", required=True, metavar="DIR", help="output folder (created; must be empty)")
-    parser.add_argument("--size", type=int, default=64, help="image height and width in pixels (default 64)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    parser.add_argument("--size", type=int_in(32, 4096), default=64, help="image height and width in pixels (default 64)")
+    parser.add_argument("--seed", type=seed, default=0, help="base seed (default 0)")
     parser.add_argument(
         "--overwrite", action="store_true", help="write into a non-empty folder, replacing earlier phantoms"
     )

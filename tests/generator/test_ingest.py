@@ -108,8 +108,8 @@ def test_png_jpeg_jsonl(png_folder: Path, capsys: pytest.CaptureFixture) -> None
 
 
 def test_metadata_csv_conversions(tmp_path: Path) -> None:
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "x.png")
-    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "y.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "y.png")
     _write_csv(tmp_path / "metadata.csv", [
         {"file_name": "x.png", "text": "normal", "age": "47", "label": "1",
          "findings": '["nodule", "effusion"]', "view": "PA", "site": "007"},
@@ -340,14 +340,14 @@ def test_errors(tmp_path: Path) -> None:
 
     no_text = tmp_path / "no_text"
     no_text.mkdir()
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(no_text / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(no_text / "a.png")
     _write_csv(no_text / "metadata.csv", [{"file_name": "a.png", "caption": "x"}])
     with pytest.raises(ValueError, match=r"metadata\.csv.*text.*caption"):
         load_dataset(no_text, progress=False)
 
     no_meta = tmp_path / "no_meta"
     no_meta.mkdir()
-    Image.fromarray(np.zeros((4, 4), np.uint8)).save(no_meta / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(no_meta / "a.png")
     with pytest.raises(ValueError, match="no metadata"):
         load_dataset(no_meta, progress=False)
 

@@ -1,0 +1,93 @@
+"""Argument types for the verbs: every number finite and in range, every path checked up front.
+
+Each factory returns an ``argparse`` ``type=`` callable; a bad value becomes one usage error line
+naming the flag (argparse adds ``argument --flag:``) and exit status 2. Seeds are unsigned 32-bit
+integers everywhere (larger ones would silently wrap in numpy's seeding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable
+
+__all__ = ["int_in", "float_in", "seed", "existing_dir", "existing_file", "existing_path", "new_file", "MAX_SEED"]
+
+#: Largest accepted seed (numpy ``SeedSequence`` words and ``torch.Generator`` both take it).
+MAX_SEED = 2**32 - 1
+
+
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An integer in ``[lo, hi]`` (``hi=None``: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {rng}, got {text}")
+        return value
+
+    return parse
+
+
+def float_in(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """A finite float in the interval from ``lo`` to ``hi`` (open at either end if asked)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        too_low = value <= lo if lo_open else value < lo
+        too_high = value >= hi if hi_open else value > hi
+        if not math.isfinite(value) or too_low or too_high:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{lo:g}, {hi:g}{right}, got {text}")
+        return value
+
+    return parse
+
+
+seed = int_in(0, MAX_SEED)
+
+
+def existing_dir(text: str) -> Path:
+    """A folder that exists."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"folder not found: {text}")
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    """A file that exists (not a folder)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder, not a file")
+    return path
+
+
+def new_file(text: str) -> Path:
+    """A file path to write: not an existing folder, and its parent folder is not a file."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is a file, not a folder")
+    return path
+
+
+def existing_path(text: str) -> Path:
+    """A file or folder that exists (a data folder, or an ``.npz`` file)."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"not found: {text}")
+    return path
