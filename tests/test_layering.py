@@ -91,3 +91,14 @@ def test_verbs_do_not_import_each_other() -> None:
 def test_scripts_do_not_edit_sys_path() -> None:
     bad = [p.name for p in (ROOT / "scripts").glob("*.py") if "sys.path.insert" in p.read_text(encoding="utf-8")]
     assert not bad, f"scripts import the installed package; these edit sys.path: {bad}"
+
+
+def test_marked_copies_are_identical() -> None:
+    """``exporters`` keeps a copy of the generator's file-name resolver; the two must not drift."""
+    import inspect
+
+    import exporters.folder
+    import generator.data.metadata
+
+    assert inspect.getsource(generator.data.metadata.resolve_member) == \
+        inspect.getsource(exporters.folder.resolve_member)

@@ -164,19 +164,21 @@ def parse_age(value: str | None) -> int | None:
         return None
 
 
+# Copied verbatim to exporters/folder.py:resolve_member (exporters import no RadSynth package);
+# tests/test_layering.py checks that the two stay identical.
 def resolve_member(root: Path, file_name: str, *, source: Path | None = None, row: int | None = None) -> Path:
     """Resolve a metadata ``file_name`` inside the folder ``root``; refuse anything that leaves it.
 
-    The one resolver of every reader (training, index, audit; ``exporters.folder.resolve_member``
-    is a marked copy). Refused: non-strings and empty names, absolute POSIX or Windows paths
-    (``/x``, ``C:\\x``, ``\\\\server\\x``), backslashes, and names whose resolved path (``..``
-    and symlinks followed) is not inside ``root``.
+    Refused: non-strings, empty or blank names, NUL characters, backslashes (``..\\x``,
+    ``\\\\server\\share``), absolute POSIX paths (``/etc/x``, ``//server/x``), Windows drive forms
+    (``C:\\x``, ``C:x``, ``C:/x``), and names whose resolved path (``..`` and symlinks followed) is
+    not strictly inside ``root.resolve()``.
 
     Args:
         root: The folder that the metadata file describes.
         file_name: The row's ``file_name`` (POSIX separators, relative to ``root``).
-        source: The metadata file, for the error message.
-        row: The row number (1-based), for the error message.
+        source: The metadata file, named in the error message.
+        row: The row's 1-based line number in ``source``, named in the error message.
 
     Returns:
         The resolved absolute path (it may not exist).
@@ -184,18 +186,18 @@ def resolve_member(root: Path, file_name: str, *, source: Path | None = None, ro
     Raises:
         ValueError: the name is refused; the message names ``source``, ``row`` and the value.
     """
-    where = f"{source}" if source is not None else str(root)
-    if row is not None:
-        where += f" row {row}"
+    where = str(source if source is not None else root) + ("" if row is None else f" row {row}")
     if not isinstance(file_name, str) or not file_name.strip():
-        raise ValueError(f"{where}: file_name {file_name!r} is not a relative path")
-    name = file_name.strip()
-    if "\\" in name or PureWindowsPath(name).drive or PurePosixPath(name).is_absolute():
-        raise ValueError(f"{where}: file_name {name!r} must be a relative POSIX path inside {root}")
-    base = Path(root).resolve()
-    target = (base / name).resolve()
-    if target != base and base not in target.parents:
-        raise ValueError(f"{where}: file_name {name!r} points outside {root}")
-    if target == base:
-        raise ValueError(f"{where}: file_name {name!r} names the folder itself, not a file")
+        raise ValueError(f"{where}: file_name={file_name!r} must be a non-empty relative path")
+    if "\x00" in file_name or "\\" in file_name:
+        raise ValueError(f"{where}: file_name={file_name!r} must be a POSIX path without backslashes or NUL")
+    if PurePosixPath(file_name).is_absolute() or PureWindowsPath(file_name).drive:
+        raise ValueError(f"{where}: file_name={file_name!r} must be relative to {root}, not absolute")
+    try:
+        base = Path(root).resolve()
+        target = (base / file_name).resolve()
+    except (OSError, RuntimeError) as exc:  # symlink loops
+        raise ValueError(f"{where}: file_name={file_name!r} cannot be resolved ({exc})") from None
+    if base not in target.parents:
+        raise ValueError(f"{where}: file_name={file_name!r} points outside {root} (to {target})")
     return target

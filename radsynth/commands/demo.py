@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     from conditioning.prompts import build_prompt
     from generator.demo import DEMO_TRAINING, resolve_model
-    from generator.generation import generate_to_folder, make_requests, prepare_output
+    from generator.generation import check_sampling_settings, generate_to_folder, make_requests, prepare_output
     from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
     from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
     from generator.models.model_folder import load_pipeline
@@ -74,74 +74,85 @@ def run(args: argparse.Namespace) -> int:
     from privacy.report import write_html, write_json
     from radsynth.commands._wiring import export_hook, privacy_gate
 
+    if args.guidance_scale is not None:
+        check_sampling_settings(args.steps, args.guidance_scale, source="--steps/--guidance-scale")
     out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--output {str(out)!r} is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         if not args.overwrite:
             raise FileExistsError(f"--output {str(out)!r} is not empty; pass --overwrite to replace it")
         shutil.rmtree(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     progress = not args.quiet
     bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress)
+    try:
 
-    # 1. The model.
-    bar.set_postfix_str("loading the model")
-    pipe, info = load_pipeline(resolve_model(args.model))
-    demo_cfg = {**DEMO_TRAINING, **info.raw.get("demo", {})}
-    guidance = args.guidance_scale if args.guidance_scale is not None else float(demo_cfg.get("guidance_scale", 3.0))
-    bar.update(1)
+        # 1. The model.
+        bar.set_postfix_str("loading the model")
+        pipe, info = load_pipeline(resolve_model(args.model))
+        demo_cfg = {**DEMO_TRAINING, **info.raw.get("demo", {})}
+        guidance = args.guidance_scale if args.guidance_scale is not None else float(demo_cfg.get("guidance_scale", 3.0))
+        bar.update(1)
 
-    # 2. Privacy index of the model's training phantoms (rebuilt from their seeds), calibrated on
-    #    phantoms drawn with another seed that the model never saw.
-    bar.set_postfix_str("indexing the training phantoms")
-    n_ref = args.reference_images or int(demo_cfg["num_images"])
-    ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]))
-    hold = phantom_reference_set(max(100, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1)
-    index = ReferenceIndex.build(
-        ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
-        holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,
-        embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS),
-    )
-    index_dir = out / "privacy_index"
-    index.save(index_dir)
-    bar.update(1)
+        # 2. Privacy index of the model's training phantoms (rebuilt from their seeds), calibrated on
+        #    phantoms drawn with another seed that the model never saw.
+        bar.set_postfix_str("indexing the training phantoms")
+        n_ref = args.reference_images or int(demo_cfg["num_images"])
+        ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]))
+        hold = phantom_reference_set(max(100, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1)
+        index = ReferenceIndex.build(
+            ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
+            holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,
+            embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS),
+        )
+        index_dir = out / "privacy_index"
+        index.save(index_dir)
+        bar.update(1)
 
-    # 3. Generate, gate and export as images are made.
-    bar.set_postfix_str("generating")
-    images_dir = out / "teaching_set"
-    rows = [(build_prompt(a), a, args.images_per_prompt) for a in DEMO_REQUESTS]
-    requests = make_requests(rows, args.seed)
-    settings = {"model": info.model_hash, "steps": args.steps, "guidance_scale": guidance, "demo": True}
-    prepare_output(images_dir, settings, requests, overwrite=True)
-    summary = generate_to_folder(
-        pipe, info, requests, images_dir, steps=args.steps, guidance_scale=guidance,
-        gate=privacy_gate(PrivacyGate(index), info.resolution),
-        on_image=export_hook({"dicom", "nifti"}, images_dir, info, modality="DX", images_per_study=1),
-        batch_size=8, progress=False,
-    )
-    bar.update(1)
+        # 3. Generate, gate and export as images are made.
+        bar.set_postfix_str("generating")
+        images_dir = out / "teaching_set"
+        rows = [(build_prompt(a), a, args.images_per_prompt) for a in DEMO_REQUESTS]
+        requests = make_requests(rows, args.seed)
+        settings = {"model": info.model_hash, "steps": args.steps, "guidance_scale": guidance, "demo": True}
+        prepare_output(images_dir, settings, requests, overwrite=True)
+        summary = generate_to_folder(
+            pipe, info, requests, images_dir, steps=args.steps, guidance_scale=guidance,
+            gate=privacy_gate(PrivacyGate(index), info.resolution),
+            on_image=export_hook({"dicom", "nifti"}, images_dir, info, modality="DX", images_per_study=1),
+            batch_size=8, progress=False,
+        )
+        bar.update(1)
 
-    # 4. Audit the whole set (JSON + HTML review page) and record it in the manifest.
-    bar.set_postfix_str("auditing")
-    lines = read_manifest(images_dir)
-    stack = np.stack([load_png(images_dir / ln["file_name"]) for ln in lines])
-    result = audit_images(index, stack, [ln["file_name"] for ln in lines], progress=False)
-    write_json(result, out / "audit.json")
-    write_html(result, index, stack, out / "audit.html")
-    update_fields(images_dir, {v.file_name: v.manifest_fields() for v in result.images})
-    lines = read_manifest(images_dir)
-    bar.update(1)
+        # 4. Audit the whole set (JSON + HTML review page) and record it in the manifest.
+        bar.set_postfix_str("auditing")
+        lines = read_manifest(images_dir)
+        stack = np.stack([load_png(images_dir / ln["file_name"]) for ln in lines])
+        result = audit_images(index, stack, [ln["file_name"] for ln in lines], progress=False)
+        write_json(result, out / "audit.json")
+        write_html(result, index, stack, out / "audit.html")
+        update_fields(images_dir, {v.file_name: v.manifest_fields() for v in result.images})
+        lines = read_manifest(images_dir)
+        bar.update(1)
 
-    # 5. Contact sheet, gallery page and a check that the text controls the image.
-    bar.set_postfix_str("writing the pages")
-    captions = [f"{ln['text']} [{ln.get('privacy_verdict', '?')}]" for ln in lines]
-    save_contact_sheet(contact_sheet(list(stack), captions, columns=args.images_per_prompt * 2, tile=160),
-                       out / "contact_sheet.png")
-    page = gallery_html(images_dir, lines, title="RadSynth demo teaching set", page_dir=out)
-    atomic_write_text(out / "index.html", page)
-    control = _text_control(lines, stack, measure, matches_prompt)
-    atomic_write_text(out / "text_control.json", json.dumps(control, indent=2) + "\n")
-    bar.update(1)
+        # 5. Contact sheet, gallery page and a check that the text controls the image.
+        bar.set_postfix_str("writing the pages")
+        captions = [f"{ln['text']} [{ln.get('privacy_verdict', '?')}]" for ln in lines]
+        save_contact_sheet(contact_sheet(list(stack), captions, columns=args.images_per_prompt * 2, tile=160),
+                           out / "contact_sheet.png")
+        page = gallery_html(images_dir, lines, title="RadSynth demo teaching set", page_dir=out)
+        atomic_write_text(out / "index.html", page)
+        control = _text_control(lines, stack, measure, matches_prompt)
+        atomic_write_text(out / "text_control.json", json.dumps(control, indent=2) + "\n")
+        bar.update(1)
+    except Exception:
+        bar.close()  # ends the bar's line, so the error message starts on its own line
+        if created:
+            shutil.rmtree(out, ignore_errors=True)  # a failed demo leaves nothing half-made behind
+        raise
     bar.close()
 
     s = result.summary

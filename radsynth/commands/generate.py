@@ -89,7 +89,13 @@ def run(args: argparse.Namespace) -> int:
     from generator._utils import cpu_only
     from generator.demo import resolve_model
     from generator.gallery import folder_contact_sheet
-    from generator.generation import generate_to_folder, make_requests, prepare_output, regenerate_line
+    from generator.generation import (
+        check_sampling_settings,
+        generate_to_folder,
+        make_requests,
+        prepare_output,
+        regenerate_line,
+    )
     from generator.manifest import save_png, sort_manifest
     from diffusers import DDPMScheduler
 
@@ -98,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from generator.models.model_folder import load_pipeline
     from radsynth.commands._wiring import export_hook, privacy_gate
 
+    check_sampling_settings(args.steps, args.guidance_scale, source="--steps/--guidance-scale")
     if args.device is not None:
         check_device(args.device)
     if args.from_manifest is None:
@@ -122,20 +129,21 @@ def run(args: argparse.Namespace) -> int:
         name = line.get("file_name", "regenerated.png")
         if not isinstance(name, str) or not name.strip() or Path(name).name in ("", ".", ".."):
             raise ValueError(f"--from-manifest: file_name must be a file name, got {name!r}")
-        output.mkdir(parents=True, exist_ok=True)
         target = output / Path(name).name
         if target.exists() and not args.overwrite:
             raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
         if line.get("model") and line["model"] != info.model_hash:
             print(f"warning: the line was made by model {line['model']}, this is {info.model_hash}",
                   file=sys.stderr)
-        image = regenerate_line(pipe, line)
+        image = regenerate_line(pipe, line)  # validates the line before anything is written
+        output.mkdir(parents=True, exist_ok=True)
         bits = 16 if int(info.intensity.get("bits_stored", 8)) > 8 else 8
         save_png(image, target, bits=bits)
         print(f"regenerated {target} (sampler {line.get('sampler', 'dpm')}, seed {line['seed']})")
         return 0
 
     requests = make_requests(rows, args.seed)
+    gate = privacy_gate(args.privacy_index, info.resolution) if args.privacy_index else None
     settings = {
         "model": info.model_hash, "steps": args.steps, "guidance_scale": args.guidance_scale,
         "sampler": args.sampler, "negative_prompt": args.negative_prompt,
@@ -146,7 +154,6 @@ def run(args: argparse.Namespace) -> int:
         prepare_output(output, settings, requests, overwrite=args.overwrite)
     state.wait_for_everyone()
 
-    gate = privacy_gate(args.privacy_index, info.resolution) if args.privacy_index else None
     hook = export_hook(set(args.format or ["png"]), output, info, modality=args.modality,
                        images_per_study=args.images_per_study)
     summary = generate_to_folder(
