@@ -7,11 +7,13 @@ images or ``(slices, rows, columns)`` volumes; DICOM geometry in LPS, NIfTI affi
 Main entry points:
     :class:`DicomExporter` - ``.add(image, metadata)`` / ``.add_volume(volume, metadata, spacing)``.
     :class:`NiftiExporter` - the same for NIfTI-1 with JSON sidecars.
-    :func:`export_imagefolder` - convert a PNG imagefolder (``radsynth export``).
+    :func:`export_imagefolder` - convert an imagefolder of PNGs and/or NIfTI volumes (``radsynth
+    export``): every row checked first, resumable, nothing outside the folder read.
+    :func:`resolve_member` - a metadata ``file_name`` resolved safely inside its folder.
 """
 
 from exporters.dicom import DicomExporter
-from exporters.folder import export_imagefolder, read_imagefolder
+from exporters.folder import export_imagefolder, read_imagefolder, resolve_member
 from exporters.geometry import AXIAL, CORONAL, SAGITTAL, Geometry
 from exporters.identity import SyntheticPatient
 from exporters.intensity import PixelEncoding
@@ -24,6 +26,7 @@ __all__ = [
     "NiftiExporter",
     "export_imagefolder",
     "read_imagefolder",
+    "resolve_member",
     "Geometry",
     "AXIAL",
     "CORONAL",

@@ -7,7 +7,13 @@ with purpose (109100, DCM, "Synthesizing Equipment") naming the software, its ve
 hash, Image Type DERIVED\\SECONDARY, Burned In Annotation NO, an invented patient (Patient Identity
 Removed YES with a De-identification Method saying the identity is invented), the prompt/seed/model in
 Image Comments and Derivation Description, and the same provenance as JSON in a private block
-(creator ``RadSynth provenance``, group 0011), which is never the only marker.
+(creator ``RadSynth provenance``, group 0011; the JSON as UT, so it is never cut), which is never the
+only marker.
+
+Text never exceeds its VR's maximum length (LO 64, SH 16, ST 1024, LT 10240, ...), counted in UTF-8
+bytes so that it holds whether a reader counts characters or bytes: a longer value (a long prompt
+or model name) is cut to the maximum, ending in ``...``, and counted in
+:attr:`DicomExporter.truncated`; the first cut of each attribute is logged as a warning.
 
 Layout under ``out_dir``: one folder per study, named after its first image, holding
 ``<image stem>.dcm`` per 2D image (each its own series) or ``<volume stem>/IM0001.dcm ...`` per volume
@@ -18,6 +24,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,8 +35,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID
-from pydicom.valuerep import DS
+from pydicom.valuerep import DS, MAX_VALUE_LEN
 
 from exporters.files import atomic_write, check_target
 from exporters.geometry import AXIAL, Geometry, image_slab, validate_pixel_spacing, volume_slab
@@ -42,8 +51,11 @@ __all__ = [
     "SOP_CLASSES",
     "MODALITIES",
     "PRIVATE_CREATOR",
+    "TEXT_MAX_LENGTH",
     "write_dataset",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Exporter modality -> SOP Class UID of the IOD written.
 SOP_CLASSES: dict[str, str] = {
@@ -76,6 +88,12 @@ VIEWS = {
     "RL": ("RL", codes.SCT.RightLateral),
 }
 _MANUFACTURER = "RadSynth (synthetic data)"
+#: Maximum characters per value of the text VRs that :class:`DicomExporter` cuts (PS3.5 6.2);
+#: pydicom's table plus the 2**32 - 2 of UT/UC. Other string VRs over their limit are a bug (ValueError).
+TEXT_MAX_LENGTH: dict[str, int] = {
+    "LO": MAX_VALUE_LEN["LO"], "SH": MAX_VALUE_LEN["SH"], "ST": MAX_VALUE_LEN["ST"], "LT": MAX_VALUE_LEN["LT"],
+    "UT": 2**32 - 2, "UC": 2**32 - 2,
+}
 
 
 def _letters(vec: np.ndarray) -> str:
@@ -99,9 +117,21 @@ def _tm(t: _dt.time) -> str:
     return t.strftime("%H%M%S")
 
 
-def _clip(text: str, n: int) -> str:
-    text = " ".join(str(text).replace("\\", "/").split())
-    return text if len(text) <= n else text[: n - 3] + "..."
+def _text(text: Any) -> str:
+    """One line of text without backslashes (the DICOM value separator)."""
+    return " ".join(str(text).replace("\\", "/").split())
+
+
+def _size(text: Any) -> int:
+    """Length as stored: UTF-8 bytes (Specific Character Set ISO_IR 192), at least the characters."""
+    return len(str(text).encode("utf-8"))
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` UTF-8 bytes, ending in ``...`` (never inside a character)."""
+    keep = limit - 3 if limit > 8 else limit
+    head = text.encode("utf-8")[:keep].decode("utf-8", errors="ignore")
+    return head + "..." if limit > 8 else head
 
 
 def _code_item(code: Any) -> Dataset:
@@ -161,6 +191,10 @@ class DicomExporter:
         body_part: Body Part Examined (a key of :data:`BODY_PARTS`) or ``None``; radiographs need
             one for the Anatomic Region Sequence, so DX defaults to ``"CHEST"``.
 
+    Attributes:
+        truncated: DICOM keyword (``"(gggg,eeee)"`` for private tags) -> number of text values cut
+            to their VR's maximum length so far (the first cut of each is logged as a warning).
+
     Raises:
         ValueError: an argument has an unsupported value.
     """
@@ -205,6 +239,8 @@ class DicomExporter:
         self.body_part = None if body_part is None else body_part.upper()
         self._study: _Study | None = None
         self._count = 0
+        #: DICOM keyword (or private tag) -> number of values cut to their VR's maximum length.
+        self.truncated: Counter[str] = Counter()
 
     # -- public API -----------------------------------------------------------------------------
     def add(self, image: np.ndarray, metadata: Mapping[str, Any]) -> list[Path]:
@@ -267,6 +303,42 @@ class DicomExporter:
         return SyntheticPatient.invent(key, prov.attributes.get("sex"), prov.attributes.get("age"))
 
     # -- internals ------------------------------------------------------------------------------
+    def _fit(self, text: Any, vr: str, name: str) -> str:
+        """``text`` as one line, cut to the maximum length of ``vr`` in UTF-8 bytes (counted and logged)."""
+        value = _text(text)
+        limit = TEXT_MAX_LENGTH[vr]
+        if _size(value) <= limit:
+            return value
+        if not self.truncated[name]:
+            logger.warning(
+                "DICOM %s (%s) value of %d bytes cut to the VR maximum of %d; further cuts are counted "
+                "in DicomExporter.truncated", name, vr, _size(value), limit,
+            )
+        self.truncated[name] += 1
+        # one byte short of the limit: a trailing pad space (odd-length element) then still fits
+        # for readers that count it (pydicom does for the last value of a multi-valued element)
+        return _cut(value, limit - 1)
+
+    def _fit_lengths(self, ds: Dataset) -> None:
+        """Cut every text value of ``ds`` (sequences included) to its VR's maximum length.
+
+        Raises:
+            ValueError: a value of another string VR (CS, UI, DS, ...) exceeds its maximum (a bug).
+        """
+        for elem in ds.iterall():
+            vr = elem.VR
+            limit = TEXT_MAX_LENGTH.get(vr, MAX_VALUE_LEN.get(vr))
+            if limit is None or elem.value is None:
+                continue
+            values = list(elem.value) if isinstance(elem.value, (MultiValue, list)) else [elem.value]
+            if all(_size(v) <= limit for v in values):
+                continue
+            name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+            if vr not in TEXT_MAX_LENGTH:
+                raise ValueError(f"DICOM {name} ({vr}) value {elem.value!r} exceeds {limit} characters")
+            fitted = [self._fit(v, vr, name) if _size(v) > limit else v for v in values]
+            elem.value = fitted if len(fitted) > 1 else fitted[0]
+
     def _next_study(self, prov: Provenance) -> tuple[_Study, int]:
         if self._study is None or self._study.items >= self.images_per_study:
             key = prov.identity_key(self.software_name)
@@ -312,12 +384,14 @@ class DicomExporter:
         model = f"{self.software_name} model {prov.model or 'unknown'}"
         versions = [self.software_version] + ([f"model {prov.model}"] if prov.model else [])
         return hd.ContributingEquipment(
-            manufacturer=_clip(self.software_name, 64),
+            manufacturer=self._fit(self.software_name, "LO", "Manufacturer"),
             purpose_of_reference=codes.DCM.SynthesizingEquipment,
-            manufacturer_model_name=_clip(model, 64),
-            software_versions=[_clip(v, 64) for v in versions],
+            manufacturer_model_name=self._fit(model, "LO", "ManufacturerModelName"),
+            software_versions=[self._fit(v, "LO", "SoftwareVersions") for v in versions],
             contribution_datetime=when,
-            contribution_description=_clip(prov.summary(f"{self.software_name} {self.software_version}"), 1024),
+            contribution_description=self._fit(
+                prov.summary(f"{self.software_name} {self.software_version}"), "ST", "ContributionDescription"
+            ),
         )
 
     def _dataset(
@@ -397,9 +471,11 @@ class DicomExporter:
         ds.ReferringPhysicianName = ""
         ds.StudyDescription = "SYNTHETIC study"
         view = prov.attributes.get("view")
-        ds.SeriesDescription = _clip(" ".join(str(s) for s in ("SYNTHETIC", modality, view or "") if s), 64)
-        ds.ManufacturerModelName = _clip(self.software_name, 64)
-        ds.SoftwareVersions = _clip(software, 64)
+        ds.SeriesDescription = self._fit(
+            " ".join(str(s) for s in ("SYNTHETIC", modality, view or "") if s), "LO", "SeriesDescription"
+        )
+        ds.ManufacturerModelName = self._fit(self.software_name, "LO", "ManufacturerModelName")
+        ds.SoftwareVersions = self._fit(software, "LO", "SoftwareVersions")
         ds.PatientName = patient.name
         ds.PatientID = patient.patient_id
         ds.PatientBirthDate = "" if patient.birth_date is None else _da(patient.birth_date)
@@ -412,11 +488,12 @@ class DicomExporter:
         ds.SyntheticData = "YES"
         ds.BurnedInAnnotation = "NO"
         ds.LossyImageCompression = "00"
-        ds.ImageComments = _clip(prov.summary(software), 10240)
-        ds.DerivationDescription = _clip(
+        ds.ImageComments = self._fit(prov.summary(software), "LT", "ImageComments")
+        ds.DerivationDescription = self._fit(
             f"Synthesized by {software} from a text prompt; model {prov.model or 'unknown'}; "
             f"seed {prov.seed if prov.seed is not None else 'unknown'}; prompt: {prov.text}",
-            1024,
+            "ST",
+            "DerivationDescription",
         )
         ds.WindowCenter = _ds(enc.window_center)
         ds.WindowWidth = _ds(enc.window_width)
@@ -449,9 +526,10 @@ class DicomExporter:
                 ds.EchoTime = None
                 ds.EchoTrainLength = None
         block = ds.private_block(0x0011, PRIVATE_CREATOR, create=True)
-        block.add_new(0x01, "LT", json.dumps(prov.to_json(), ensure_ascii=False, sort_keys=True))
-        block.add_new(0x02, "LO", _clip(prov.model or "unknown", 64))
+        block.add_new(0x01, "UT", json.dumps(prov.to_json(), ensure_ascii=False, sort_keys=True))
+        block.add_new(0x02, "LO", self._fit(prov.model or "unknown", "LO", "(0011,1002)"))
         block.add_new(0x03, "LO", "" if prov.seed is None else str(prov.seed))
+        self._fit_lengths(ds)  # the safety net for any other text
         return ds
 
     def _dx(self, ds: Dataset, enc: PixelEncoding, geometry: Geometry, letters: list[str], view: Any) -> None:

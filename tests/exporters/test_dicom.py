@@ -54,14 +54,29 @@ def _check_pixels_and_window(ds: pydicom.Dataset) -> np.ndarray:
     return pixels
 
 
-@pytest.mark.parametrize("modality,sop", [("DX", "DX"), ("CR", "DX"), ("CT", "CT"), ("MR", "MR"), ("OT", "OT")])
-def test_2d_image_is_valid_and_marked(tmp_path, meta, smooth, dciodvfy, strict_read, modality, sop):
+MODALITY_SOP = [("DX", "DX"), ("CR", "DX"), ("CT", "CT"), ("MR", "MR"), ("OT", "OT")]
+
+
+def _export_2d(tmp_path: Path, meta, smooth, modality: str) -> tuple[Path, np.ndarray, dict]:
     image = smooth(40, 48)
     line = meta(3, intensity=CT_WINDOW if modality == "CT" else None)
     (path,) = _exporter(tmp_path, modality).add(image, line)
-    assert path.is_file() and path.suffix == ".dcm"
+    return path, image, line
+
+
+@pytest.mark.parametrize("modality,sop", MODALITY_SOP)
+def test_2d_image_passes_dciodvfy(tmp_path, meta, smooth, dciodvfy, modality, sop):
+    path, _, _ = _export_2d(tmp_path, meta, smooth, modality)
     assert dciodvfy(path) == []
+
+
+@pytest.mark.parametrize("modality,sop", MODALITY_SOP)
+def test_2d_image_is_marked_and_round_trips(tmp_path, meta, smooth, strict_read, modality, sop):
+    path, image, line = _export_2d(tmp_path, meta, smooth, modality)
+    assert path.is_file() and path.suffix == ".dcm"
     ds = strict_read(path)
+    # (0008,001C) checked here by tag, as the 2022 dciodvfy does not know it (conftest.py)
+    assert ds[0x0008, 0x001C].VR == "CS" and ds[0x0008, 0x001C].value == "YES"
     assert ds.SOPClassUID == SOP_CLASSES[sop]
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
@@ -100,9 +115,19 @@ def test_png_bit_depth_is_kept_honest(tmp_path, meta, smooth, strict_read):
     assert float(ds.WindowCenter) == 127.5 and float(ds.WindowWidth) == 255
 
 
-def test_images_per_study_groups_one_patient(tmp_path, meta, smooth, dciodvfy, dcentvfy, strict_read):
+def _export_studies(tmp_path: Path, meta, smooth) -> list[Path]:
     exporter = _exporter(tmp_path, "DX", images_per_study=3)
-    paths = [exporter.add(smooth(32, 32, seed=i), meta(i))[0] for i in range(5)]
+    return [exporter.add(smooth(32, 32, seed=i), meta(i))[0] for i in range(5)]
+
+
+def test_images_per_study_pass_validators(tmp_path, meta, smooth, dciodvfy, dcentvfy):
+    paths = _export_studies(tmp_path, meta, smooth)
+    assert dcentvfy(paths) == []
+    assert all(dciodvfy(p) == [] for p in paths)
+
+
+def test_images_per_study_groups_one_patient(tmp_path, meta, smooth, strict_read):
+    paths = _export_studies(tmp_path, meta, smooth)
     datasets = [strict_read(p) for p in paths]
     first, second = datasets[:3], datasets[3:]
     for group in (first, second):
@@ -113,22 +138,30 @@ def test_images_per_study_groups_one_patient(tmp_path, meta, smooth, dciodvfy, d
     assert first[0].StudyInstanceUID != second[0].StudyInstanceUID
     assert first[0].PatientID != second[0].PatientID
     assert len({d.SOPInstanceUID for d in datasets}) == 5
-    assert dcentvfy(paths) == []
-    assert all(dciodvfy(p) == [] for p in paths)
+
+
+TILTED = (1.0, 0.0, 0.0, 0.0, float(np.cos(0.1)), float(-np.sin(0.1)))  # slightly tilted, still orthonormal
+
+
+def _export_volume(tmp_path: Path, meta, smooth, modality: str) -> tuple[list[Path], np.ndarray]:
+    volume = smooth(5, 24, 20)
+    line = meta(7, file_name="volumes/vol7.nii.gz", intensity=CT_WINDOW if modality == "CT" else None)
+    return _exporter(tmp_path, modality).add_volume(volume, line, (2.5, 0.7, 0.8), orientation=TILTED), volume
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR"])
-def test_volume_series_geometry(tmp_path, meta, smooth, dciodvfy, dcentvfy, strict_read, modality):
-    volume = smooth(5, 24, 20)
-    spacing = (2.5, 0.7, 0.8)
-    c, s = np.cos(0.1), np.sin(0.1)
-    orientation = (1.0, 0.0, 0.0, 0.0, c, -s)  # slightly tilted, still orthonormal
-    line = meta(7, file_name="volumes/vol7.nii.gz", intensity=CT_WINDOW if modality == "CT" else None)
-    paths = _exporter(tmp_path, modality).add_volume(volume, line, spacing, orientation=orientation)
-    assert len(paths) == 5
+def test_volume_series_passes_validators(tmp_path, meta, smooth, dciodvfy, dcentvfy, modality):
+    paths, _ = _export_volume(tmp_path, meta, smooth, modality)
     assert dcentvfy(paths) == []
     for p in paths:
         assert dciodvfy(p) == []
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_volume_series_geometry(tmp_path, meta, smooth, strict_read, modality):
+    paths, volume = _export_volume(tmp_path, meta, smooth, modality)
+    orientation = TILTED
+    assert len(paths) == 5
     datasets = [strict_read(p) for p in paths]
     assert len({d.SeriesInstanceUID for d in datasets}) == 1
     assert len({d.FrameOfReferenceUID for d in datasets}) == 1
@@ -229,3 +262,66 @@ def test_bad_inputs(tmp_path, meta, smooth):
     with pytest.raises(ValueError, match="HU"):
         _exporter(tmp_path, "CT").add(smooth(8, 8), meta(0, intensity={"low": 0, "high": 255, "unit": ""}))
     assert not list(tmp_path.rglob("*.dcm")), "a failed add must not leave files"
+
+
+# Maximum characters per value (PS3.5 Table 6.2-1), taken from pydicom plus the VRs it leaves out.
+def _vr_max(vr: str) -> int | None:
+    from pydicom.valuerep import MAX_VALUE_LEN
+
+    return {**MAX_VALUE_LEN, "PN": 64 * 3, "UT": 2**32 - 2, "UC": 2**32 - 2}.get(vr)
+
+
+@pytest.mark.parametrize("modality", ["DX", "CT", "OT"])
+def test_long_prompt_and_model_stay_within_vr_limits(tmp_path, meta, smooth, strict_read, caplog, modality):
+    prompt = ("PA chest radiograph with a long différential description; " * 100)[:5000]
+    model = "model-" + "x" * 200
+    line = meta(1, text=prompt, model=model, intensity=CT_WINDOW if modality == "CT" else None)
+    exporter = _exporter(tmp_path, modality)
+    with caplog.at_level("WARNING", logger="exporters.dicom"):
+        (path,) = exporter.add(smooth(8, 8), line)
+        exporter.add(smooth(8, 8), meta(2, text=prompt, model=model, intensity=line["intensity"]))
+    ds = strict_read(path)
+    checked = 0
+    for elem in ds.iterall():
+        limit = _vr_max(elem.VR)
+        if limit is None or elem.value is None or elem.VR == "PN":
+            continue
+        values = list(elem.value) if elem.VM > 1 else [elem.value]
+        for value in values:  # counted in UTF-8 bytes, which also bounds the characters
+            size = len(str(value).encode("utf-8"))
+            assert size <= limit, f"{elem.keyword or elem.tag} ({elem.VR}) has {size} > {limit}"
+            checked += 1
+    assert checked > 40
+    # cut values end in "...", are counted per attribute and warned about once each
+    assert ds.DerivationDescription.endswith("...") and 1020 <= len(ds.DerivationDescription.encode()) <= 1024
+    assert exporter.truncated["DerivationDescription"] == 2 and exporter.truncated["ManufacturerModelName"] == 2
+    assert exporter.truncated["(0011,1002)"] == 2  # private model name (LO)
+    warned = [r.getMessage() for r in caplog.records if "DerivationDescription" in r.getMessage()]
+    assert len(warned) == 1 and "1024" in warned[0]
+    # the prompt survives whole in Image Comments (LT 10240) and the private JSON (UT)
+    assert prompt.strip() in ds.ImageComments
+    block = ds.private_block(0x0011, PRIVATE_CREATOR)
+    assert block[0x01].VR == "UT" and json.loads(block[0x01].value)["Prompt"] == prompt
+
+
+def test_over_long_text_in_lt_is_cut(tmp_path, meta, smooth, strict_read):
+    line = meta(1, text="opacity " * 2000)  # 16,000 characters: over LT's 10240 in Image Comments
+    exporter = _exporter(tmp_path, "DX")
+    ds = strict_read(exporter.add(smooth(8, 8), line)[0])
+    assert 10230 <= len(ds.ImageComments) <= 10240 and ds.ImageComments.endswith("...")
+    assert exporter.truncated["ImageComments"] == 1
+    assert json.loads(ds.private_block(0x0011, PRIVATE_CREATOR)[0x01].value)["Prompt"] == line["text"]
+
+
+def test_long_text_passes_dciodvfy(tmp_path, meta, smooth, dciodvfy):
+    line = meta(1, text="opacity é " * 1600, model="m" * 300)
+    (path,) = _exporter(tmp_path, "DX").add(smooth(8, 8), line)
+    assert dciodvfy(path) == []
+
+
+def test_validator_filter_ignores_exactly_the_stale_synthetic_data_line(validator_errors):
+    stale = ("Error - Attribute with an even group number is not a recognized standard attribute - "
+             "(0x0008,0x001c) ?")
+    other_group = stale.replace("0x001c", "0x001d")
+    output = "\n".join([stale, other_group, "Warning - something", "Error - Missing attribute Type 1 Required"])
+    assert validator_errors(output) == [other_group, "Error - Missing attribute Type 1 Required"]
