@@ -18,6 +18,7 @@ from radsynth import __version__
 
 #: verb -> module under radsynth.commands
 VERBS: dict[str, str] = {
+    "prepare": "prepare",
     "train": "train",
     "generate": "generate",
     "index": "index",
@@ -29,6 +30,7 @@ VERBS: dict[str, str] = {
 }
 
 _SUMMARY = {
+    "prepare": "prepare a training source once into sharded on-disk arrays (large archives, bounded memory)",
     "train": "train a text-conditioned latent diffusion model on a folder of radiographs with reports",
     "generate": "sample synthetic images from prompts with a trained model",
     "index": "build a memorization reference index from training data",

@@ -29,6 +29,7 @@ GENERATOR_LAYERS = {
     "demo": set(),
     "training": {"_utils", "data", "models", "manifest"},
     "generation": {"_utils", "manifest", "models"},
+    "volumes": {"_utils", "data", "manifest", "models", "phantoms"},
     "stress": {"_utils", "data", "manifest", "models", "generation", "evaluation", "phantoms", "gallery"},
 }
 

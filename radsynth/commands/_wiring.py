@@ -43,12 +43,15 @@ def export_hook(formats: set[str], output: Path, info: Any, *, modality: str | N
     if not formats:
         return None
     from exporters import DicomExporter, NiftiExporter
+    from exporters.files import clean_stale_temps
 
     from radsynth import __version__
 
     modality = (modality or info.modality or "DX").upper()
     common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
               "intensity": info.intensity}
+    for sub in ("dicom", "nifti"):
+        clean_stale_temps(output / sub)  # temporary files of an interrupted run (its process is gone)
     exporters: dict[str, Any] = {}
     if "dicom" in formats:
         exporters["dicom_file"] = DicomExporter(output / "dicom", modality,

@@ -128,6 +128,7 @@ def _two_procs(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_two_process_train_and_generate(tmp_path, square_data, tiny_text_encoder):
     model = tmp_path / "m"
     r = _two_procs(["train", "--data", str(square_data), "--output", str(model), "--resolution", "16",
@@ -155,9 +156,10 @@ def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
     out = tmp_path / "gated"
     assert main(["generate", "--model", str(tiny_model), "--prompt", "bright square", "--num-images", "3",
                  "--steps", "2", "--output", str(out), "--privacy-index", str(idx), "--quiet"]) == 0
-    assert "resampled by the privacy gate" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 images written" in printed and "0 dropped after" in printed  # nothing here copies phantoms
     lines = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
-    assert len(lines) <= 3
+    assert len(lines) == 3
     for ln in lines:
         assert ln["privacy_verdict"] in ("keep", "review")
         assert isinstance(ln["nearest_train_similarity"], float) and "privacy_threshold" in ln
