@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from generator.manifest import MANIFEST, append_line, read_manifest, save_png, sort_manifest
+from generator.manifest import append_line, atomic_write_text, read_manifest, save_png
 from generator.models.model_folder import ModelInfo
 from generator.models.pipeline import RadSynthPipeline
 from generator.models.samplers import make_sampler
@@ -128,7 +128,10 @@ def prepare_output(
     fp = run_fingerprint(settings, requests)
     run_file = output / RUN_FILE
     if output.is_dir() and any(output.iterdir()):
-        same = run_file.is_file() and json.loads(run_file.read_text()).get("fingerprint") == fp
+        try:
+            same = run_file.is_file() and json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint") == fp
+        except (ValueError, AttributeError):  # unreadable or not an object: not this run's folder
+            same = False
         if not same:
             if not overwrite:
                 raise FileExistsError(
@@ -141,7 +144,7 @@ def prepare_output(
                 else:
                     entry.unlink()
     output.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fp, "settings": settings}, indent=2, sort_keys=True))
+    atomic_write_text(run_file, json.dumps({"fingerprint": fp, "settings": settings}, indent=2, sort_keys=True))
 
 
 def generate_to_folder(
