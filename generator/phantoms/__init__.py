@@ -13,7 +13,7 @@ from generator.phantoms.folder import (
     read_phantom_metadata,
     write_phantom_folder,
 )
-from generator.phantoms.measure import Measurement, matches_prompt, measure
+from generator.phantoms.measure import Measurement, matches_prompt, measure, text_control_summary
 from generator.phantoms.render import (
     LOBES,
     PHANTOM_FINDINGS,
@@ -25,6 +25,6 @@ from generator.phantoms.render import (
 
 __all__ = [
     "PhantomSet", "iter_phantoms", "phantom_reference_set", "phantom_seed", "read_phantom_metadata",
-    "write_phantom_folder", "Measurement", "matches_prompt", "measure", "LOBES", "PHANTOM_FINDINGS",
+    "write_phantom_folder", "Measurement", "matches_prompt", "measure", "text_control_summary", "LOBES", "PHANTOM_FINDINGS",
     "PhantomImage", "primary_label", "render_phantom", "sample_attributes",
 ]

@@ -35,7 +35,7 @@ tests and the README.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -413,4 +413,25 @@ def matches_prompt(measurement: Measurement, attributes: Mapping[str, Any]) -> d
         else:
             continue
         out[name] = bool(m.valid and ok)
+    return out
+
+
+def text_control_summary(lines: Sequence[Mapping[str, Any]], images: Sequence[np.ndarray]) -> dict[str, dict[str, int]]:
+    """Per prompt text: how many images show what their prompt asked for (side included).
+
+    Args:
+        lines: Manifest lines of the images (``text`` and ``attributes``, as ``generate`` writes them).
+        images: The images, ``(H, W)`` float in ``[0, 1]``, in the order of ``lines``.
+
+    Returns:
+        ``{text: {"n": images, "shown": images where every requested finding was measured}}``.
+    """
+    if len(lines) != len(images):
+        raise ValueError(f"lines and images must pair up, got {len(lines)} lines and {len(images)} images")
+    out: dict[str, dict[str, int]] = {}
+    for ln, img in zip(lines, images):
+        ok = matches_prompt(measure(img), ln.get("attributes") or {})
+        rec = out.setdefault(str(ln["text"]), {"n": 0, "shown": 0})
+        rec["n"] += 1
+        rec["shown"] += int(bool(ok) and all(ok.values()))
     return out

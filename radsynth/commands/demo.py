@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
     from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
     from generator.models.model_folder import load_pipeline
-    from generator.phantoms import matches_prompt, measure, phantom_reference_set
+    from generator.phantoms import phantom_reference_set
+    from generator.phantoms.measure import text_control_summary
     from privacy.audit import audit_images
     from privacy.embedding import EmbedderConfig
     from privacy.gate import PrivacyGate
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
                            out / "contact_sheet.png")
         page = gallery_html(images_dir, lines, title="RadSynth demo teaching set", page_dir=out)
         atomic_write_text(out / "index.html", page)
-        control = _text_control(lines, stack, measure, matches_prompt)
+        control = text_control_summary(lines, list(stack))
         atomic_write_text(out / "text_control.json", json.dumps(control, indent=2) + "\n")
         bar.update(1)
     except Exception:
@@ -169,16 +170,3 @@ def run(args: argparse.Namespace) -> int:
           f"{s['expected_chance_flags']['reject']}); resampled during generation: {summary.resampled}")
     print("  text control     " + ", ".join(f"{k}: {v['shown']}/{v['n']}" for k, v in control.items()))
     return 0
-
-
-def _text_control(lines: list[dict], images: Any, measure: Any, matches_prompt: Any) -> dict[str, dict]:
-    """Per prompt: how many images show what the prompt asked for (classical measurement)."""
-    out: dict[str, dict] = {}
-    for ln, img in zip(lines, images):
-        attrs = ln.get("attributes") or {}
-        ok = matches_prompt(measure(img), attrs)
-        key = ln["text"]
-        rec = out.setdefault(key, {"n": 0, "shown": 0})
-        rec["n"] += 1
-        rec["shown"] += int(all(ok.values()) if ok else 0)
-    return out
