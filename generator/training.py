@@ -2,55 +2,95 @@
 
 Determinism and resumption: every random draw of a training step (batch indices, noise, timesteps,
 prompt dropout, paraphrase choice) comes from a generator seeded by ``(seed, stage, step, process)``.
-Together with the optimizer, learning-rate and EMA state that ``accelerate`` checkpoints, a run resumed
-from a checkpoint continues exactly as the uninterrupted run would have.
+Together with the model, optimizer, learning-rate and EMA state in a checkpoint, a run resumed from a
+checkpoint continues exactly as the uninterrupted run would have.
 
-The training workspace is ``<output>/checkpoints`` (weights and optimizer state only, never pixels);
-it is removed when the model folder has been written, unless ``keep_checkpoints`` is set.
+The training workspace is ``<output>/checkpoints``; it is removed when the model folder has been
+written, unless ``keep_checkpoints`` is set. It holds safetensors and JSON only, never pickles (a
+checkpoint folder may come from someone else, and loading must not run code) and never pixels::
+
+    checkpoints/
+      run.json                 what must match on resume: config, resolution, seed, data fingerprint,
+                               text encoder hash, mixed precision, gradient accumulation, init_from hash
+      unet-500/                one folder per checkpoint, ``<stage>-<step>`` (only the latest is kept;
+                               a stage's step checkpoints go once the stage is final)
+        model.safetensors      weights of the network being trained (float32 state_dict)
+        optimizer.safetensors  AdamW state tensors, keys ``state.<param index>.<name>``
+        ema.safetensors        UNet stage only: EMA weights, keys ``shadow.<parameter name>``
+        state.json             step, step budget, optimizer param groups and non-tensor state,
+                               LR scheduler state, EMA counters, grad-scaler state, and the size and
+                               SHA-256 of every safetensors file above
+      vae-final/               the finished VAE: model.safetensors + state.json (step, loss,
+                               latent scaling factor)
+
+A checkpoint is written by the main process into a hidden temporary folder and renamed into place, so
+a folder named ``<stage>-<step>`` is always complete. Only the three safetensors names above and
+``state.json`` are ever read; other files (a planted ``*.pkl``/``*.bin``) are ignored. The format does
+not depend on the number of processes, so a checkpoint loads at another world size (exactly resumable
+at the same one). Checkpoints are taken between optimiser steps only (accumulated gradients are not
+saved).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
 import platform
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conditioning.prompts import paraphrase_prompt
-from conditioning.text_encoder import (
-    DEFAULT_TEXT_ENCODER,
-    encode_prompts,
-    hidden_size,
-    load_text_encoder,
-    resolve_text_encoder,
-)
-from generator.models.config import TrainConfig
-from generator._utils import cpu_only
+from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
+from generator._utils import best_device, cpu_only
 from generator.data import IngestResult
-from generator.models.model_folder import save_model_folder
 from generator.models.build import build_noise_scheduler, build_unet, build_vae
-from generator.models.samplers import make_sampler
+from generator.models.config import TrainConfig
+from generator.models.model_folder import (
+    ModelInfo,
+    absolute_paths,
+    load_pipeline,
+    read_model_info,
+    save_model_folder,
+    state_dict_hash,
+    text_encoder_name,
+)
 from generator.models.pipeline import RadSynthPipeline
+from generator.models.samplers import make_sampler
 
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.
 StepHook = Callable[[str, int], None]
 
+#: Values of ``mixed_precision``; ``"auto"`` picks ``"bf16"`` where the hardware runs it natively.
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+
+#: Version of the checkpoint layout (``state.json`` ``"format"``).
+CHECKPOINT_FORMAT = 1
+
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
+_STATE_JSON = "state.json"
+_RUN_JSON = "run.json"
+_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "ema.safetensors")
+_MAX_SEED = 2**32 - 1
 
 
 def _package_version() -> str:
@@ -61,6 +101,37 @@ def _package_version() -> str:
         return version("radsynth")
     except PackageNotFoundError:
         return "unknown"
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (CUDA with bf16; CPUs with AMX or AVX512-BF16).
+
+    CPUs without those instructions emulate bfloat16 and are slower than float32, so this says no.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+    return False
+
+
+def resolve_mixed_precision(value: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"bf16"`` where :func:`bf16_supported`, else ``"no"``; other values unchanged.
+
+    Raises:
+        ValueError: ``value`` is not one of :data:`MIXED_PRECISION`, or ``"bf16"`` on a device that
+            does not support it natively.
+    """
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {value!r}")
+    if value == "auto":
+        return "bf16" if bf16_supported(device) else "no"
+    if value == "bf16" and not bf16_supported(device):
+        raise ValueError(
+            f"mixed_precision 'bf16' needs a device with native bfloat16 ({device} has none); use 'no'"
+        )
+    return value
 
 
 @dataclass
@@ -90,7 +161,8 @@ class _Plan:
 
 def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
     stage_id = {"vae": 1, "unet": 2}[stage]
-    return torch.Generator().manual_seed(((seed * 1_000_003 + stage_id) * 1_000_033 + step) * 64 + rank)
+    value = ((seed * 1_000_003 + stage_id) * 1_000_033 + step) * 64 + rank
+    return torch.Generator().manual_seed(value % 2**64)
 
 
 def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
@@ -133,18 +205,15 @@ class _VAEWithLoss(torch.nn.Module):
 
 
 class _Log:
-    """Progress bar plus CSV log (main process only)."""
+    """Progress bar plus CSV log (main process only); the CSV file is created at its first row."""
 
     COLUMNS = ["stage", "step", "loss", "lr", "steps_per_s", "images_per_s", "elapsed_s"]
 
     def __init__(self, path: Path, enabled: bool, progress: bool) -> None:
         self.path, self.enabled, self.progress = path, enabled, progress
         self.bar: tqdm | None = None
-        if enabled and not path.exists():
-            with open(path, "w", newline="") as fh:
-                csv.writer(fh).writerow(self.COLUMNS)
 
-    def start(self, stage: str, total: int, initial: int) -> None:
+    def start(self, stage: str, total: int | None, initial: int) -> None:
         if self.enabled:
             self.bar = tqdm(total=total, initial=initial, desc=stage.upper(), disable=not self.progress)
 
@@ -156,7 +225,10 @@ class _Log:
 
     def row(self, *values: Any) -> None:
         if self.enabled:
+            new = not self.path.exists()
             with open(self.path, "a", newline="") as fh:
+                if new:
+                    csv.writer(fh).writerow(self.COLUMNS)
                 csv.writer(fh).writerow(values)
 
     def close(self) -> None:
@@ -165,16 +237,162 @@ class _Log:
             self.bar = None
 
 
+# ---------------------------------------------------------------------- checkpoint files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _json_plain(value: Any) -> Any:
+    """Tuples as lists, recursively (what ``json`` writes anyway), so that equality checks agree."""
+    if isinstance(value, (list, tuple)):
+        return [_json_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_plain(v) for k, v in value.items()}
+    return value
+
+
+def _optimizer_to_files(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (flat keys ``state.<index>.<name>``) and JSON.
+
+    Returns:
+        ``(tensors, meta)``: ``meta`` holds ``param_groups`` (hyper-parameters, parameter indices) and
+        ``state_scalars`` (non-tensor per-parameter state, by index).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{int(idx)}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(int(idx)), {})[name] = value
+    return tensors, {"param_groups": _json_plain(state["param_groups"]), "state_scalars": scalars}
+
+
+def _optimizer_from_files(
+    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], current: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Inverse of :func:`_optimizer_to_files`; ``current`` (the live optimizer's ``state_dict()``)
+    gives the Python types of hyper-parameters (``betas`` is a tuple)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        kind, idx, name = key.split(".", 2)
+        if kind != "state" or not idx.isdigit():
+            raise ValueError(f"unexpected optimizer tensor {key!r}")
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta["state_scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    groups = []
+    if len(meta["param_groups"]) != len(current["param_groups"]):
+        raise ValueError(
+            f"the checkpoint has {len(meta['param_groups'])} optimizer parameter groups, the model "
+            f"{len(current['param_groups'])}"
+        )
+    for saved, live in zip(meta["param_groups"], current["param_groups"]):
+        groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
+    return {"state": state, "param_groups": groups}
+
+
+def _write_checkpoint(folder: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any]) -> None:
+    """Write ``folder`` atomically: files go to a hidden sibling folder, which is then renamed.
+
+    Args:
+        folder: Final checkpoint folder (replaced if it exists).
+        tensors: File name (one of ``model/optimizer/ema.safetensors``) -> flat tensor dict.
+        state: JSON-serialisable state; ``format`` and ``files`` (size and SHA-256 per file) are added.
+    """
+    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files = {}
+        for name, flat in tensors.items():
+            if name not in _TENSOR_FILES:
+                raise ValueError(f"checkpoint file name must be one of {_TENSOR_FILES}, got {name!r}")
+            save_file(dict(flat), str(tmp / name))
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        payload = {"format": CHECKPOINT_FORMAT, **state, "files": files}
+        (tmp / _STATE_JSON).write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
+        old = folder.parent / f".old-{folder.name}-{os.getpid()}"
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_checkpoint_state(folder: str | Path) -> dict[str, Any]:
+    """The ``state.json`` of a checkpoint folder.
+
+    Raises:
+        ValueError: the file is missing, truncated or not a RadSynth checkpoint state (the message
+            names the file).
+    """
+    path = Path(folder) / _STATE_JSON
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is missing or damaged ({exc}); delete {str(path.parent)!r} to "
+            "resume from an earlier checkpoint, or start again with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not isinstance(
+        state.get("files"), dict
+    ):
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is not a RadSynth checkpoint state of format {CHECKPOINT_FORMAT}"
+        )
+    return state
+
+
+def read_checkpoint_tensors(folder: str | Path, name: str, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Load one safetensors file of a checkpoint after checking its size and SHA-256 against
+    ``state["files"]`` (never a pickle: only the names in ``model/optimizer/ema.safetensors`` are read).
+
+    Raises:
+        ValueError: the file is not listed, missing, truncated or altered (the message names it).
+    """
+    if name not in _TENSOR_FILES:
+        raise ValueError(f"checkpoint file name must be one of {_TENSOR_FILES}, got {name!r}")
+    path = Path(folder) / name
+    expected = state["files"].get(name)
+    if not isinstance(expected, dict):
+        raise ValueError(f"checkpoint {str(folder)!r} has no {name} in its {_STATE_JSON}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {str(path)!r} is missing")
+    size = path.stat().st_size
+    if size != expected.get("bytes"):
+        raise ValueError(
+            f"checkpoint file {str(path)!r} is damaged: {size} bytes, {_STATE_JSON} says {expected.get('bytes')} "
+            "(truncated?)"
+        )
+    if _sha256(path) != expected.get("sha256"):
+        raise ValueError(f"checkpoint file {str(path)!r} is damaged: its SHA-256 differs from {_STATE_JSON}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"checkpoint file {str(path)!r} is not a readable safetensors file ({exc})") from None
+
+
 def _latest_checkpoint(workspace: Path, stage: str) -> Path | None:
-    found = sorted(
-        (p for p in workspace.glob(f"{stage}-*") if (p / "radsynth_step.json").is_file()),
-        key=lambda p: int(p.name.split("-")[1]),
-    )
+    found = [
+        p for p in workspace.glob(f"{stage}-*")
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / _STATE_JSON).exists()
+    ]
+    found.sort(key=lambda p: int(p.name.split("-", 1)[1]))
     return found[-1] if found else None
 
 
 class Trainer:
     """Trains a RadSynth model folder from an :class:`IngestResult`.
+
+    The object is complete once constructed: arguments are checked, the accelerator, noise schedule,
+    result and log exist; :meth:`run` does the work (and may be called once).
 
     Args:
         data: Training data (images at any size; resized to ``resolution``).
@@ -182,12 +400,15 @@ class Trainer:
         config: Training configuration (a preset, possibly with overrides).
         resolution: Image side in pixels (``config.latent_size`` times a power of two).
         text_encoder: Hugging Face text encoder folder or id; ``None`` for the bundled MiniLM.
-        seed: Seed of every random draw.
-        max_minutes: Wall-clock budget of the whole run (the VAE gets ``config.vae_share`` of it).
-        max_steps: Upper bound of optimisation steps per stage.
-        mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (passed to ``accelerate``).
+        seed: Seed of every random draw, in ``[0, 2**32)``.
+        max_minutes: Wall-clock budget of the whole run, finite and > 0 (the VAE gets
+            ``config.vae_share`` of it).
+        max_steps: Upper bound of optimisation steps per stage (>= 1).
+        mixed_precision: ``"auto"`` (bf16 where the hardware has native bfloat16, else no), ``"no"``,
+            ``"fp16"`` or ``"bf16"`` (passed to ``accelerate``).
         gradient_accumulation_steps: Micro-batches per optimiser step.
-        resume: Continue from the latest checkpoint in ``output/checkpoints``.
+        resume: Continue from the latest checkpoint in ``output/checkpoints`` (which must come from
+            the same configuration, data, seed and text encoder).
         keep_checkpoints: Keep ``output/checkpoints`` after the model is written.
         link_packaged_text_encoder: With the default encoder, leave it out of the model folder and
             name its package in ``radsynth.json`` instead (the bundled demo model does this).
@@ -195,6 +416,15 @@ class Trainer:
             loading casts back to the requested dtype).
         progress: Show progress bars.
         step_hook: Called after each step as ``hook(stage, step)``.
+        init_from: Fine-tune: a RadSynth model folder or a Stable-Diffusion-layout folder. Its UNet
+            (architecture and weights), noise schedule and prediction type are the starting point; its
+            text encoder is used frozen (unless ``text_encoder`` names another of the same width); its
+            VAE is used frozen when ``resolution`` equals the model's resolution (no VAE stage), and a
+            new 1-channel VAE is trained otherwise.
+
+    Raises:
+        ValueError: an argument out of range (the message names it and the value).
+        FileNotFoundError: ``init_from`` is not a model folder.
     """
 
     def __init__(
@@ -208,7 +438,7 @@ class Trainer:
         seed: int = 0,
         max_minutes: float | None = None,
         max_steps: int | None = None,
-        mixed_precision: str = "no",
+        mixed_precision: str = "auto",
         gradient_accumulation_steps: int = 1,
         resume: bool = False,
         keep_checkpoints: bool = False,
@@ -216,16 +446,46 @@ class Trainer:
         save_dtype: torch.dtype = torch.float32,
         progress: bool = True,
         step_hook: StepHook | None = None,
+        init_from: str | Path | None = None,
     ) -> None:
-        if max_minutes is not None and max_minutes <= 0:
-            raise ValueError(f"max_minutes must be > 0, got {max_minutes}")
-        if max_steps is not None and max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-        if mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {mixed_precision!r}")
-        config.vae_block_channels(resolution)  # validates resolution against the latent size
+        if max_minutes is not None and (
+            isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
+            or not math.isfinite(max_minutes) or not 0 < max_minutes <= 1e6
+        ):
+            raise ValueError(f"max_minutes must be a finite number in (0, 1e6], got {max_minutes!r}")
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, {_MAX_SEED}], got {seed!r}")
+        if (isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int)
+                or gradient_accumulation_steps < 1):
+            raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {gradient_accumulation_steps!r}")
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
+        if save_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"save_dtype must be torch.float32, float16 or bfloat16, got {save_dtype!r}")
+        if not data.records:
+            raise ValueError("data has no images to train on")
+        #: The model fine-tuned from (``init_from``), or ``None``.
+        self.init_info: ModelInfo | None = read_model_info(init_from) if init_from is not None else None
+        #: Whether the VAE is ``init_from``'s, frozen (same resolution): no VAE stage then.
+        self.frozen_vae = self.init_info is not None and self.init_info.resolution == resolution
+        if self.init_info is not None:
+            source_sched = json.loads((self.init_info.path / "scheduler" / "scheduler_config.json").read_text())
+            config = replace(config, prediction_type=source_sched.get("prediction_type", "epsilon"))
+            noise_scheduler = DDPMScheduler.from_config(source_sched, clip_sample=False)
+            if not self.frozen_vae:
+                unet_in = json.loads((self.init_info.path / "unet" / "config.json").read_text())["in_channels"]
+                if unet_in != config.latent_channels:
+                    raise ValueError(
+                        f"init_from {self.init_info.path.name!r} has a UNet over {unet_in}-channel latents, but a new "
+                        f"VAE at resolution {resolution} would make {config.latent_channels}; train at the model's "
+                        f"resolution {self.init_info.resolution} to reuse its VAE"
+                    )
+        else:
+            noise_scheduler = build_noise_scheduler(config)
+        if not self.frozen_vae:
+            config.vae_block_channels(resolution)  # validates resolution against the latent size
         self.data, self.config, self.resolution = data, config, resolution
         self.output = Path(output)
         self.workspace = self.output / "checkpoints"
@@ -235,17 +495,41 @@ class Trainer:
         self.step_hook = step_hook
         self.link_packaged_text_encoder = link_packaged_text_encoder
         self.save_dtype = save_dtype
+        self.requested_mixed_precision = mixed_precision
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, torch.device(best_device()))
         self.accelerator = Accelerator(
-            mixed_precision=mixed_precision,
+            mixed_precision="fp16" if self.mixed_precision == "fp16" else "no",  # bf16: see _autocast
             gradient_accumulation_steps=gradient_accumulation_steps,
             cpu=cpu_only(),
         )
+        self.noise_scheduler = noise_scheduler
         self.result = TrainResult(output=self.output)
+        self.log = _Log(self.output / "train_log.csv", self._main, progress)
+        #: ``time.monotonic()`` when :meth:`run` started (the construction time until then).
+        self.run_start = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
     @property
     def _main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def _autocast(self) -> ContextManager[Any]:
+        """Context of a training forward pass. With bf16: ``torch.autocast`` to bfloat16 and, on a CPU,
+        the plain (math) attention kernel, because PyTorch's fused flash-attention backward is slower
+        in bf16 than in fp32 there while the math kernel's matrix products use the bf16 units
+        (``scripts/bench_train.py --step-timing``: UNet step 1.5x faster than fp32, flash 0.9x).
+
+        bf16 autocast is applied here rather than by ``accelerate``, whose process-wide state would
+        refuse a second Trainer with another ``mixed_precision`` in the same process.
+        """
+        if self.mixed_precision != "bf16":
+            return nullcontext()
+        stack = ExitStack()
+        device = self.accelerator.device
+        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
+        if device.type == "cpu":
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     def _say(self, msg: str) -> None:
         if self._main and self.progress:
@@ -263,7 +547,7 @@ class Trainer:
         deadline = None
         if self.max_minutes is not None:
             budget = self.max_minutes * 60.0
-            deadline = start + budget * self.config.vae_share if stage == "vae" else self._run_start + budget
+            deadline = start + budget * self.config.vae_share if stage == "vae" else self.run_start + budget
         return _Plan(total=total, deadline=deadline)
 
     # ------------------------------------------------------------------ data
@@ -296,37 +580,104 @@ class Trainer:
             options.append(ids)
         return list(texts), options
 
+    # ------------------------------------------------------------------ run identity
+    def _run_identity(self, text_encoder: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint must share with this run to be resumed (``checkpoints/run.json``)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "train_config": _json_plain(self.config.to_dict()),
+            "resolution": self.resolution,
+            "seed": self.seed,
+            "data_fingerprint": self.data.fingerprint(),
+            "num_images": len(self.data.records),
+            "text_encoder_sha256": state_dict_hash(text_encoder),
+            "mixed_precision": self.mixed_precision,
+            "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
+            "init_from_model_hash": self.init_info.model_hash if self.init_info is not None else None,
+        }
+
+    def _prepare_workspace(self, identity: dict[str, Any]) -> None:
+        """Fresh run: empty the workspace and write ``run.json``. Resume: check ``run.json``.
+
+        Raises:
+            ValueError: resuming from checkpoints of a different run, or of an unknown layout.
+        """
+        run_json = self.workspace / _RUN_JSON
+        if self.resume and self.workspace.is_dir() and any(self.workspace.iterdir()):
+            try:
+                saved = json.loads(run_json.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise ValueError(
+                    f"--resume: {str(run_json)!r} is missing or damaged (checkpoints of an older RadSynth, "
+                    "whose pickled files are never loaded, or an interrupted start); start again with --overwrite"
+                ) from None
+            diffs = _differences(saved, identity)
+            if diffs:
+                raise ValueError(
+                    f"--resume: the checkpoints in {str(self.workspace)!r} come from a different run "
+                    f"({'; '.join(diffs)}); resume with the same data and options, or start again with "
+                    "--overwrite"
+                )
+            return
+        if self._main:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+            self.workspace.mkdir(parents=True)
+            tmp = self.workspace / f".tmp-{_RUN_JSON}"
+            tmp.write_text(json.dumps(identity, indent=1) + "\n")
+            os.replace(tmp, run_json)
+
     # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
-        """Train both stages and write the model folder; returns a :class:`TrainResult`."""
-        self._run_start = time.monotonic()
+        """Train both stages and write the model folder; returns a :class:`TrainResult`.
+
+        Raises:
+            ValueError: ``resume`` with checkpoints of another run, or a damaged checkpoint.
+        """
+        self.run_start = time.monotonic()
         acc = self.accelerator
+        source = None
+        if self.init_info is not None:
+            source, _ = load_pipeline(self.init_info.path, device="cpu", half=False,
+                                      text_encoder=self.text_encoder_name)
+            tokenizer, text_encoder = source.tokenizer, source.text_encoder.eval().requires_grad_(False)
+        else:
+            tokenizer, text_encoder = load_text_encoder(self.text_encoder_name)
+        identity = self._run_identity(text_encoder)
         if self._main:
-            self.workspace.mkdir(parents=True, exist_ok=True)
+            self.output.mkdir(parents=True, exist_ok=True)
+        self._prepare_workspace(identity)
         acc.wait_for_everyone()
-        self.log = _Log(self.output / "train_log.csv", self._main, self.progress)
         pixels = self._pixels()
 
-        vae, fresh = self._train_vae(pixels)
+        if self.frozen_vae and source is not None:
+            vae, fresh = source.vae.float().eval().requires_grad_(False), False
+            self.result.steps["vae"] = 0
+            self._say(f"VAE: {self.init_info.path.name}'s, frozen")
+        else:
+            vae, fresh = self._train_vae(pixels)
         latents_mean, latents_std = self._cache_latents(vae, pixels)
         del pixels
         if fresh:
             # Scale latents to unit variance (stored in the VAE config as scaling_factor).
             vae.register_to_config(scaling_factor=float(1.0 / latents_mean.std().clamp_min(1e-6)))
             if self._main:
-                final = self.workspace / "vae-final"
-                vae.save_pretrained(final, safe_serialization=True)
-                (final / "radsynth_step.json").write_text(
-                    json.dumps({"step": self.result.steps["vae"], "loss": self.result.final_loss["vae"]})
+                _write_checkpoint(
+                    self.workspace / "vae-final",
+                    {"model.safetensors": {k: v.detach().contiguous() for k, v in vae.state_dict().items()}},
+                    {"stage": "vae", "final": True, "step": self.result.steps["vae"],
+                     "loss": self.result.final_loss["vae"], "seconds": self.result.seconds["vae"],
+                     "scaling_factor": float(vae.config.scaling_factor)},
                 )
+                for old in self.workspace.glob("vae-*"):  # the finished stage replaces its step checkpoints
+                    if old.name.split("-", 1)[1].isdigit():
+                        shutil.rmtree(old, ignore_errors=True)
             acc.wait_for_everyone()
 
-        tokenizer, text_encoder = load_text_encoder(self.text_encoder_name)
         texts, options = self._texts()
         embeds = encode_prompts(tokenizer, text_encoder, texts).to(torch.float16)
         self._say(f"encoded {len(texts)} distinct prompt texts with {type(text_encoder).__name__}")
         unet = self._train_unet(latents_mean, latents_std, float(vae.config.scaling_factor), embeds, options,
-                                 hidden_size(text_encoder))
+                                hidden_size(text_encoder), source.unet if source is not None else None)
 
         if self._main:
             self._save(vae, unet, text_encoder, tokenizer)
@@ -340,16 +691,21 @@ class Trainer:
         """The trained VAE, and whether it was trained now (False: loaded from a finished stage)."""
         cfg, acc = self.config, self.accelerator
         final = self.workspace / "vae-final"
-        if self.resume and (final / "config.json").is_file():
+        if self.resume and (final / _STATE_JSON).exists():
             self._say(f"resume: VAE stage already finished ({final})")
-            vae = AutoencoderKL.from_pretrained(final)
-            done = json.loads((final / "radsynth_step.json").read_text())
-            self.result.steps["vae"] = done["step"]
-            self.result.final_loss["vae"] = done["loss"]
-            return vae, False
+            state = read_checkpoint_state(final)
+            with torch.random.fork_rng(devices=[]):
+                vae = build_vae(cfg, self.resolution)
+            _load_weights(vae, read_checkpoint_tensors(final, "model.safetensors", state), final)
+            vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
+            self.result.steps["vae"] = int(state["step"])
+            self.result.final_loss["vae"] = float(state["loss"])
+            self.result.seconds["vae"] = float(state.get("seconds", 0.0))
+            return vae.eval(), False
         start = time.monotonic()
-        torch.manual_seed(self.seed)
-        vae = _VAEWithLoss(build_vae(cfg, self.resolution))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            vae = _VAEWithLoss(build_vae(cfg, self.resolution))
         vae, opt, sched, plan, step = self._start_stage("vae", vae, cfg.vae_lr, 1e-4, cfg.vae_steps, start)
         n = pixels.shape[0]
         losses: list[float] = []
@@ -360,8 +716,10 @@ class Trainer:
             x = pixels[idx].to(acc.device)
             eps = torch.randn((x.shape[0], cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=g)
             with acc.accumulate(vae):
-                recon, kl = vae(x, eps.to(acc.device))
-                loss = F.l1_loss(recon, x) + cfg.vae_kl_weight * kl.mean()
+                with self._autocast():
+                    recon, kl = vae(x, eps.to(acc.device))
+                recon = recon.float()
+                loss = F.l1_loss(recon, x) + cfg.vae_kl_weight * kl.float().mean()
                 if cfg.vae_ssim_weight > 0:
                     loss = loss + cfg.vae_ssim_weight * (1.0 - _ssim(recon, x))
                 acc.backward(loss)
@@ -374,11 +732,11 @@ class Trainer:
             losses.append(float(loss.detach()))
             self._after_step("vae", step, plan, losses, t0, s0, cfg.vae_batch_size, sched, vae, opt)
         self.log.close()
-        model = acc.unwrap_model(vae).vae
+        model = acc.unwrap_model(vae, keep_fp32_wrapper=False).vae
         self.result.steps["vae"] = step
         self.result.final_loss["vae"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["vae"] = time.monotonic() - start
-        # Forget the VAE's prepared objects so that UNet checkpoints hold the UNet stage only.
+        # Forget the VAE's prepared objects so that the UNet stage starts clean.
         acc.free_memory()
         return model.eval(), True
 
@@ -388,7 +746,10 @@ class Trainer:
         means, stds = [], []
         dev = self.accelerator.device
         for i in range(0, pixels.shape[0], 64):
-            dist = vae.to(dev).encode(pixels[i : i + 64].to(dev)).latent_dist
+            x = pixels[i : i + 64].to(dev)
+            if int(vae.config.in_channels) != x.shape[1]:  # an RGB VAE (Stable Diffusion) sees gray as RGB
+                x = x.expand(-1, int(vae.config.in_channels), -1, -1)
+            dist = vae.to(dev).encode(x).latent_dist
             means.append(dist.mean.cpu())
             stds.append(dist.std.cpu())
         return torch.cat(means), torch.cat(stds)
@@ -401,20 +762,25 @@ class Trainer:
         embeds: torch.Tensor,
         options: list[list[int]],
         cross_dim: int,
+        init: UNet2DConditionModel | None = None,
     ) -> UNet2DConditionModel:
+        """Train the denoiser (from ``init``'s weights when given; it is not modified)."""
         cfg, acc = self.config, self.accelerator
         start = time.monotonic()
-        torch.manual_seed(self.seed + 1)
-        unet = build_unet(cfg, cross_dim)
+        if init is not None:
+            unet = UNet2DConditionModel.from_config(init.config)
+            unet.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+            unet.train().requires_grad_(True)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + 1)
+                unet = build_unet(cfg, cross_dim)
         ema = EMAModel(
             unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3,
             model_cls=UNet2DConditionModel, model_config=unet.config,
         )
-        noise_sched = build_noise_scheduler(cfg)
-        self._noise_sched = noise_sched
-        unet, opt, sched, plan, step = self._start_stage(
-            "unet", unet, cfg.unet_lr, 1e-2, cfg.unet_steps, start, checkpoint_also=ema
-        )
+        noise_sched = self.noise_scheduler
+        unet, opt, sched, plan, step = self._start_stage("unet", unet, cfg.unet_lr, 1e-2, cfg.unet_steps, start, ema)
         n = latents_mean.shape[0]
         losses: list[float] = []
         t0, s0 = time.monotonic(), step
@@ -437,7 +803,8 @@ class Trainer:
             noisy = noise_sched.add_noise(z0, noise, t)
             target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
             with acc.accumulate(unet):
-                pred = unet(noisy, t, encoder_hidden_states=context).sample
+                with self._autocast():
+                    pred = unet(noisy, t, encoder_hidden_states=context).sample
                 per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.min_snr_gamma is not None:
                     snr = compute_snr(noise_sched, t.cpu()).to(acc.device)
@@ -455,9 +822,9 @@ class Trainer:
                 ema.step(acc.unwrap_model(unet).parameters())
             step += 1
             losses.append(float(loss.detach()))
-            self._after_step("unet", step, plan, losses, t0, s0, b, sched, unet, opt)
+            self._after_step("unet", step, plan, losses, t0, s0, b, sched, unet, opt, ema)
         self.log.close()
-        model = acc.unwrap_model(unet)
+        model = acc.unwrap_model(unet, keep_fp32_wrapper=False)
         ema.copy_to(model.parameters())
         self.result.steps["unet"] = step
         self.result.final_loss["unet"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
@@ -466,7 +833,7 @@ class Trainer:
 
     def _start_stage(
         self, stage: str, model: torch.nn.Module, lr: float, weight_decay: float, default_steps: int,
-        start: float, checkpoint_also: Any = None,
+        start: float, ema: EMAModel | None = None,
     ) -> tuple[Any, Any, Any, _Plan, int]:
         """AdamW + warm-up/cosine schedule, prepared by ``accelerate``; resumed from the stage's latest
         checkpoint when asked. Returns ``(model, optimizer, scheduler, plan, first_step)``."""
@@ -474,9 +841,8 @@ class Trainer:
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, self.config.warmup_steps))
         model, opt, sched = self.accelerator.prepare(model, opt, sched)
-        if checkpoint_also is not None:
-            self.accelerator.register_for_checkpointing(checkpoint_also)
-        step = self._maybe_resume(stage, plan)
+        step = self._maybe_resume(stage, plan, model, opt, sched, ema)
+        self.accelerator.step = step  # micro-step counter of gradient accumulation
         self.log.start(stage, plan.total if plan.total < 10**7 else None, step)
         return model, opt, sched, plan, step
 
@@ -487,21 +853,74 @@ class Trainer:
         self._say(f"{stage.upper()} stage reached its time budget at step {step}")
         return True
 
-    def _maybe_resume(self, stage: str, plan: _Plan) -> int:
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, stage: str, step: int, plan: _Plan, model: Any, opt: Any, sched: Any,
+                         ema: EMAModel | None) -> None:
+        """Write ``<workspace>/<stage>-<step>`` (main process) and delete the stage's older ones."""
+        acc = self.accelerator
+        if self._main:
+            net = acc.unwrap_model(model, keep_fp32_wrapper=False)
+            opt_tensors, opt_meta = _optimizer_to_files(opt.state_dict())
+            tensors = {
+                "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+                "optimizer.safetensors": opt_tensors,
+            }
+            state: dict[str, Any] = {
+                "stage": stage, "step": step, "plan_total": plan.total,
+                "optimizer": opt_meta, "scheduler": _json_plain(sched.state_dict()),
+                "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                "num_processes": acc.num_processes,
+            }
+            if ema is not None:
+                ema_state = ema.state_dict()
+                names = [n for n, _ in net.named_parameters()]
+                tensors["ema.safetensors"] = {
+                    f"shadow.{n}": p.detach().cpu().contiguous() for n, p in zip(names, ema_state["shadow_params"])
+                }
+                state["ema"] = {k: v for k, v in ema_state.items() if k != "shadow_params"}
+            ckpt = self.workspace / f"{stage}-{step}"
+            _write_checkpoint(ckpt, tensors, state)
+            for old in self.workspace.glob(f"{stage}-*"):
+                if old != ckpt and old.name.split("-", 1)[1].isdigit():
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _maybe_resume(self, stage: str, plan: _Plan, model: Any, opt: Any, sched: Any, ema: EMAModel | None) -> int:
+        """Load the stage's latest checkpoint into the prepared objects; returns its step (0: none).
+
+        Raises:
+            ValueError: a damaged checkpoint (the message names the file).
+        """
         if not self.resume:
             return 0
         ckpt = _latest_checkpoint(self.workspace, stage)
         if ckpt is None:
             return 0
-        self.accelerator.load_state(str(ckpt))
-        meta = json.loads((ckpt / "radsynth_step.json").read_text())
-        plan.total = int(meta.get("plan_total", plan.total))
-        self._say(f"resume: {stage.upper()} from step {meta['step']} ({ckpt})")
-        return int(meta["step"])
+        state = read_checkpoint_state(ckpt)
+        net = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        _load_weights(net, read_checkpoint_tensors(ckpt, "model.safetensors", state), ckpt)
+        opt_tensors = read_checkpoint_tensors(ckpt, "optimizer.safetensors", state)
+        try:
+            opt.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"], opt.state_dict()))
+            sched.load_state_dict(dict(state["scheduler"]))
+            if self.accelerator.scaler is not None and state.get("grad_scaler"):
+                self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+            if ema is not None:
+                shadow = read_checkpoint_tensors(ckpt, "ema.safetensors", state)
+                names = [n for n, _ in net.named_parameters()]
+                missing = [n for n in names if f"shadow.{n}" not in shadow]
+                if missing or len(shadow) != len(names):
+                    raise ValueError(f"EMA weights do not match the UNet (missing {missing[:3]})")
+                ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{n}"] for n in names]})
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"checkpoint {str(ckpt)!r} does not fit this run: {exc}") from None
+        plan.total = int(state.get("plan_total", plan.total))
+        self._say(f"resume: {stage.upper()} from step {state['step']} ({ckpt})")
+        return int(state["step"])
 
     def _after_step(
         self, stage: str, step: int, plan: _Plan, losses: list[float], t0: float, s0: int,
-        batch: int, sched: Any, model: Any, opt: Any,
+        batch: int, sched: Any, model: Any, opt: Any, ema: EMAModel | None = None,
     ) -> None:
         acc = self.accelerator
         elapsed = time.monotonic() - t0
@@ -516,61 +935,88 @@ class Trainer:
         if step % _LOG_EVERY == 0 or step == plan.total:
             imgs = rate * batch * acc.num_processes * acc.gradient_accumulation_steps
             self.log.row(stage, step, f"{np.mean(losses[-_LOG_EVERY:]):.6f}", f"{sched.get_last_lr()[0]:.3e}",
-                         f"{rate:.3f}", f"{imgs:.1f}", f"{time.monotonic() - self._run_start:.1f}")
-        if step % self.config.checkpoint_every == 0 and step < plan.total:
-            ckpt = self.workspace / f"{stage}-{step}"
-            acc.save_state(str(ckpt))
-            if self._main:
-                (ckpt / "radsynth_step.json").write_text(json.dumps({"step": step, "plan_total": plan.total}))
-                for old in self.workspace.glob(f"{stage}-*"):
-                    if old != ckpt and old.name.split("-")[1].isdigit():
-                        shutil.rmtree(old, ignore_errors=True)
-            acc.wait_for_everyone()
+                         f"{rate:.3f}", f"{imgs:.1f}", f"{time.monotonic() - self.run_start:.1f}")
+        # Checkpoint only between optimiser steps: accumulated gradients are not saved.
+        if step % self.config.checkpoint_every == 0 and step < plan.total and acc.sync_gradients:
+            self._save_checkpoint(stage, step, plan, model, opt, sched, ema)
         if self.step_hook is not None:
             self.step_hook(stage, step)
 
     # ------------------------------------------------------------------ save
     def _save(self, vae: AutoencoderKL, unet: UNet2DConditionModel, text_encoder: Any, tokenizer: Any) -> None:
-        sampler = make_sampler("dpm", self._noise_sched)
+        sampler = make_sampler("dpm", self.noise_scheduler)
         if self.save_dtype != torch.float32:
             vae, unet = vae.to(self.save_dtype), unet.to(self.save_dtype)
         pipe = RadSynthPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                                 scheduler=sampler)
-        info = self.model_info()
-        default = self.text_encoder_name in (None, DEFAULT_TEXT_ENCODER)
-        packaged = DEFAULT_TEXT_ENCODER if default and self.link_packaged_text_encoder else None
+        info = self.model_info(text_encoder)
+        packaged = DEFAULT_TEXT_ENCODER if self._links_packaged_encoder() else None
         save_model_folder(pipe, self.output, info=info, card=self.model_card(info), packaged_text_encoder=packaged)
 
-    def model_info(self) -> dict[str, Any]:
-        """Content of ``radsynth.json`` for this run."""
+    def model_info(self, text_encoder: torch.nn.Module | None = None) -> dict[str, Any]:
+        """Content of ``radsynth.json`` for this run: names, hashes and numbers, never a path.
+
+        Args:
+            text_encoder: The loaded text encoder, to record its weights' hash and width (loaded from
+                ``text_encoder`` when ``None``).
+        """
         import accelerate
         import diffusers
         import transformers
 
-        radsynth_version = _package_version()
-
+        if text_encoder is None and self.init_info is not None:
+            text_encoder = load_pipeline(self.init_info.path, device="cpu", half=False,
+                                         text_encoder=self.text_encoder_name)[0].text_encoder
+        elif text_encoder is None:
+            text_encoder = load_text_encoder(self.text_encoder_name)[1]
         d = self.data
         return {
-            "radsynth_version": radsynth_version,
+            "radsynth_version": _package_version(),
             "resolution": self.resolution,
-            "channels": 1,
+            "channels": self.init_info.channels if self.frozen_vae and self.init_info is not None else 1,
+            "init_from": None if self.init_info is None else {
+                "name": self.init_info.path.resolve().name, "model_hash": self.init_info.model_hash,
+                "vae": "frozen" if self.frozen_vae else "trained"},
             "intensity": d.intensity.to_dict(),
             "modality": d.intensity.modality,
             "train_config": self.config.to_dict(),
             "seed": self.seed,
-            "text_encoder": {"name_or_path": self.text_encoder_name or DEFAULT_TEXT_ENCODER,
-                             "resolved": resolve_text_encoder(self.text_encoder_name)
-                             if self.text_encoder_name is None else self.text_encoder_name},
+            "text_encoder": {"name": self._text_encoder_label(),
+                             "sha256": state_dict_hash(text_encoder),
+                             "hidden_size": hidden_size(text_encoder)},
             "data": {"source": d.source, "num_images": len(d.records), "num_skipped": len(d.skipped),
                      "fingerprint": d.fingerprint()},
             "training": {"steps": self.result.steps, "final_loss": self.result.final_loss,
                          "seconds": {k: round(v, 1) for k, v in self.result.seconds.items()},
                          "num_processes": self.accelerator.num_processes,
-                         "mixed_precision": str(self.accelerator.mixed_precision)},
+                         "mixed_precision": self.mixed_precision,
+                         "mixed_precision_requested": self.requested_mixed_precision},
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "accelerate": accelerate.__version__,
                          "python": platform.python_version()},
         }
+
+    def _text_encoder_label(self) -> str:
+        """Name of the text encoder for ``radsynth.json``: the user's choice, else (fine-tuning) the name
+        the source model recorded, else the default's."""
+        if self.text_encoder_name is not None or self.init_info is None:
+            return text_encoder_name(self.text_encoder_name)
+        recorded = self.init_info.raw.get("text_encoder")
+        name = recorded.get("name") if isinstance(recorded, dict) else None
+        if isinstance(name, str) and name and not absolute_paths(name):
+            return name
+        if isinstance(recorded, dict) and recorded.get("packaged") == DEFAULT_TEXT_ENCODER:
+            return DEFAULT_TEXT_ENCODER
+        return f"{self.init_info.path.resolve().name}/text_encoder"
+
+    def _links_packaged_encoder(self) -> bool:
+        """Whether the saved folder names the packaged MiniLM instead of holding the encoder."""
+        if not self.link_packaged_text_encoder or self.text_encoder_name not in (None, DEFAULT_TEXT_ENCODER):
+            return False
+        if self.init_info is None or self.text_encoder_name == DEFAULT_TEXT_ENCODER:
+            return True
+        recorded = self.init_info.raw.get("text_encoder")
+        return isinstance(recorded, dict) and recorded.get("packaged") == DEFAULT_TEXT_ENCODER
 
     def model_card(self, info: dict[str, Any]) -> str:
         """Model card Markdown: data summary, configuration, final losses, intended use."""
@@ -593,7 +1039,7 @@ training images: audit every synthetic dataset with `radsynth audit` before shar
 - preset `{cfg['preset']}`; VAE channels {cfg['vae_channels']}, latent {cfg['latent_channels']}x{cfg['latent_size']}x{cfg['latent_size']}
 - UNet channels {cfg['unet_channels']}, prediction `{cfg['prediction_type']}`, min-SNR gamma {cfg['min_snr_gamma']},
   prompt dropout {cfg['prompt_dropout']}, EMA decay {cfg['ema_decay']}
-- text encoder: `{info['text_encoder']['name_or_path']}` (frozen); seed {info['seed']}
+- text encoder: `{info['text_encoder']['name']}` (frozen; weights SHA-256 `{info['text_encoder']['sha256'][:16]}`); seed {info['seed']}
 - steps: {tr['steps']}; seconds: {tr['seconds']}; processes: {tr['num_processes']}; mixed precision: {tr['mixed_precision']}
 
 ## Final losses
@@ -603,3 +1049,30 @@ training images: audit every synthetic dataset with `radsynth audit` before shar
 Synthetic data for research: augmentation, teaching sets, model stress tests. Not for diagnosis.
 Synthetic images are marked as such when exported (DICOM Synthetic Data = YES).
 """
+
+
+def _load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    """``model.load_state_dict(tensors)`` with a ``ValueError`` naming the checkpoint on a mismatch."""
+    try:
+        model.load_state_dict(dict(tensors), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {str(where)!r} does not fit the model: {first}") from None
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two run identities (``train_config`` field by field)."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if key == "train_config" and isinstance(a, dict) and isinstance(b, dict):
+            for f in sorted(set(a) | set(b)):
+                if a.get(f) != b.get(f):
+                    out.append(f"{f}: {a.get(f)!r} in the checkpoints, {b.get(f)!r} now")
+        elif a != b:
+            if key in ("data_fingerprint", "text_encoder_sha256"):
+                what = "data" if key == "data_fingerprint" else "text encoder weights"
+                out.append(f"{what} differ (SHA-256 {str(a)[:12]}... in the checkpoints, {str(b)[:12]}... now)")
+            else:
+                out.append(f"{key}: {a!r} in the checkpoints, {b!r} now")
+    return out

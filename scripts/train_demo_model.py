@@ -30,6 +30,18 @@ from generator.phantoms import write_phantom_folder  # noqa: E402
 from generator.training import Trainer  # noqa: E402
 
 
+def _shareable(argv: list[str]) -> list[str]:
+    """The command-line arguments with absolute paths replaced by their last part (radsynth.json
+    carries no path of the training machine)."""
+    def part(a: str) -> str:
+        flag, eq, value = a.partition("=")
+        if a.startswith("--") and eq:
+            return f"{flag}={part(value)}"
+        return Path(a).name if Path(a).is_absolute() else a
+
+    return [part(a) for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=str(DEMO_MODEL_DIR), help="model folder (default: the bundled one)")
@@ -38,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="auto (default): bf16 where the CPU/GPU has native bfloat16")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out)
         result = Trainer(
             data, out, get_preset("small"), resolution=DEMO_TRAINING["size"], seed=args.seed,
-            max_minutes=args.minutes, max_steps=args.max_steps,
+            max_minutes=args.minutes, max_steps=args.max_steps, mixed_precision=args.mixed_precision,
             link_packaged_text_encoder=True, save_dtype=torch.float16,
         ).run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = json.loads((out / "radsynth.json").read_text())
     info["demo"] = {**DEMO_TRAINING, "num_images": args.num_images, "seed": args.seed,
-                    "command": "python scripts/train_demo_model.py " + " ".join(argv or sys.argv[1:])}
+                    "command": "python scripts/train_demo_model.py " + " ".join(_shareable(argv))}
     (out / "radsynth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     card = (out / "README.md").read_text().replace(
         "# RadSynth model",

@@ -25,7 +25,7 @@ def build_vae(cfg: TrainConfig, resolution: int, channels: int = 1) -> Autoencod
         latent_channels=cfg.latent_channels,
         norm_num_groups=min(cfg.norm_groups, blocks[0]),
         sample_size=resolution,
-        mid_block_add_attention=cfg.preset == "base",
+        mid_block_add_attention=cfg.vae_mid_block_attention,
     )
 
 

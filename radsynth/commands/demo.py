@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="classifier-free guidance (default: the model's recommended value)")
     p.add_argument("--seed", type=seed, default=0, help="base seed of the teaching set (default 0)")
     p.add_argument("--model", type=existing_dir, default=None, help="another model trained on phantoms (default: bundled)")
+    p.add_argument("--text-encoder", default=None, metavar="PATH_OR_ID",
+                   help="text encoder to use instead of the model folder's own")
     p.add_argument("--reference-images", type=int_in(1, 1_000_000), default=None,
                    help="phantoms rebuilt for the privacy index (default: the model's whole training set)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
         # 1. The model.
         bar.set_postfix_str("loading the model")
-        pipe, info = load_pipeline(resolve_model(args.model))
+        pipe, info = load_pipeline(resolve_model(args.model), text_encoder=args.text_encoder)
         demo_cfg = {**DEMO_TRAINING, **info.raw.get("demo", {})}
         guidance = args.guidance_scale if args.guidance_scale is not None else float(demo_cfg.get("guidance_scale", 3.0))
         bar.update(1)

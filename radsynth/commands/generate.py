@@ -62,6 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images-per-study", type=int_in(1, 100_000), default=1, help="DICOM: images per synthetic patient")
     p.add_argument("--from-manifest", default=None, metavar="LINE",
                    help="regenerate the image of one metadata.jsonl line (JSON text)")
+    p.add_argument("--text-encoder", default=None, metavar="PATH_OR_ID",
+                   help="text encoder to use instead of the model folder's own (its width must fit the UNet)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="cuda | mps | cpu (default: best available)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model)
     state = PartialState(cpu=cpu_only())
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
-    pipe, info = load_pipeline(model_path, device=device)
+    pipe, info = load_pipeline(model_path, device=device, text_encoder=args.text_encoder)
     if not args.from_manifest:
         pipe.scheduler = make_sampler(args.sampler, pipe.scheduler)
     output = Path(args.output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,14 @@ EPILOG = """examples:
   radsynth train --data pneumoniamnist.npz --label-text "0=normal chest radiograph" \\
       --label-text "1=chest radiograph with pneumonia" --output models/pneu --resolution 32
 
+  # fine-tune the bundled demo model (or any RadSynth / Stable-Diffusion-layout folder) on your data
+  radsynth train --data my_cxr/ --output models/cxr_ft --init-from generator/demo_model --max-minutes 10
+
   # continue an interrupted run from its last checkpoint
   radsynth train --data my_cxr/ --output models/cxr --resume
+
+  # full float32 training (the default is bf16 where the CPU or GPU has native bfloat16)
+  radsynth train --data my_cxr/ --output models/cxr --mixed-precision no
 
   # two processes (CPU: gloo backend) or GPUs
   accelerate launch --multi_gpu --num_processes 2 -m radsynth train --data my_cxr/ --output models/cxr
@@ -38,11 +45,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run")
     p.add_argument("--max-steps", type=int, default=None, help="upper bound of steps per stage")
     p.add_argument("--text-encoder", default=None,
-                   help="Hugging Face text encoder folder or id (default: bundled MiniLM)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="Hugging Face text encoder folder or id (default: bundled MiniLM); radsynth.json "
+                        "records its name and weights hash, never its path")
+    p.add_argument("--seed", type=int, default=0, help=f"seed of every random draw, 0..{MAX_SEED} (default 0)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="UNet learning rate, in (0, 1] (default: the preset's)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="auto (default): bf16 where the hardware has native bfloat16 (AMX/AVX512-BF16 CPUs, "
+                        "recent GPUs), else no; the choice is recorded in radsynth.json")
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUTPUT/checkpoints at the end")
@@ -53,7 +65,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reports-csv", default=None, help="DICOM folder input: CSV of report texts")
     p.add_argument("--ct-window", type=float, nargs=2, default=(40.0, 400.0), metavar=("CENTER", "WIDTH"),
                    help="HU window for CT without a stored window (default 40 400)")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="fine-tune: start the UNet from this RadSynth or Stable-Diffusion-layout model folder "
+                        "(its text encoder frozen; its VAE frozen when --resolution equals the model's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+MAX_SEED = 2**32 - 1
+MAX_RESOLUTION = 4096
+
+
+def _check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,
+                  low_open: bool = False) -> None:
+    """``value`` (when given) must be finite and in ``[low, high]`` (``(low, high]`` if ``low_open``).
+
+    Raises:
+        ValueError: one line naming ``flag`` and the value.
+    """
+    if value is None:
+        return
+    if isinstance(value, int):  # any size: no conversion to float
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be an integer in [{int(low)}, {int(high)}], got {value}")
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise ValueError(f"{flag} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Range checks of the numeric flags, before any file is touched.
+
+    Raises:
+        ValueError: one line naming the flag and the value received.
+    """
+    _check_number("--max-minutes", args.max_minutes, low=0.0, high=1e6, low_open=True)  # 1e6 min: ~2 years
+    _check_number("--max-steps", args.max_steps, low=1, high=10**9)
+    _check_number("--seed", args.seed, low=0, high=MAX_SEED)
+    _check_number("--learning-rate", args.learning_rate, low=0.0, high=1.0, low_open=True)
+    _check_number("--gradient-accumulation-steps", args.gradient_accumulation_steps, low=1, high=1024)
+    _check_number("--checkpoint-every", args.checkpoint_every, low=1, high=10**9)
+    _check_number("--resolution", args.resolution, low=8, high=MAX_RESOLUTION)
+    center, width = args.ct_window
+    _check_number("--ct-window CENTER", center, low=-1e5, high=1e5)
+    _check_number("--ct-window WIDTH", width, low=0.0, high=1e5, low_open=True)
 
 
 def parse_label_text(items: list[str]) -> dict[int, str] | None:
@@ -107,15 +164,32 @@ def run(args: argparse.Namespace) -> int:
     from generator.data import load_dataset
     from generator.training import Trainer
 
+    check_flags(args)
+    if args.init_from is not None:
+        from generator.models.model_folder import read_model_info
+
+        read_model_info(args.init_from)  # a missing or foreign folder fails before anything is written
     state = PartialState(cpu=cpu_only())
     output = Path(args.output)
-    overrides = {}
+    overrides: dict[str, object] = {}
     if args.checkpoint_every is not None:
         overrides["checkpoint_every"] = args.checkpoint_every
     if args.prediction_type is not None:
         overrides["prediction_type"] = args.prediction_type
-    config = get_preset(args.preset, **overrides)
-    config.vae_block_channels(args.resolution)  # fail fast on an impossible resolution
+    if args.learning_rate is not None:
+        overrides["unet_lr"] = args.learning_rate
+    try:
+        config = get_preset(args.preset, **overrides)
+    except ValueError as exc:
+        raise ValueError(f"--preset {args.preset}: {exc}") from None
+    try:
+        if args.init_from is None:  # fine-tuning may reuse the model's VAE (the Trainer checks then)
+            config.vae_block_channels(args.resolution)  # fail fast on an impossible resolution
+    except ValueError:
+        raise ValueError(
+            f"--resolution must be latent_size ({config.latent_size}) of preset {args.preset!r} times a power "
+            f"of two (e.g. {config.latent_size * 2} or {config.latent_size * 4}), got {args.resolution}"
+        ) from None
     if state.is_main_process:
         prepare_output(output, resume=args.resume, overwrite=args.overwrite)
     state.wait_for_everyone()
@@ -142,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         progress=not args.quiet,
+        init_from=args.init_from,
     ).run()
     if state.is_main_process:
         print(

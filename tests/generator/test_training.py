@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from generator.models.config import TrainConfig, get_preset
 from generator.data import load_dataset
-from generator.training import Trainer
+from generator.training import Trainer, _step_generator, bf16_supported, resolve_mixed_precision
 
 
 def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
@@ -91,9 +91,16 @@ def test_time_budget_stops(tmp_path, square_data, tiny_text_encoder):
 
 
 @pytest.mark.parametrize("kw, msg", [
-    ({"max_minutes": 0}, "max_minutes"),
-    ({"max_steps": 0}, "max_steps"),
-    ({"mixed_precision": "fp8"}, "mixed_precision"),
+    ({"max_minutes": 0}, "max_minutes must be a finite number > 0, got 0"),
+    ({"max_minutes": float("nan")}, "max_minutes must be a finite number > 0, got nan"),
+    ({"max_minutes": float("inf")}, "max_minutes must be a finite number > 0, got inf"),
+    ({"max_steps": 0}, "max_steps must be an integer >= 1, got 0"),
+    ({"max_steps": 2.5}, "max_steps must be an integer >= 1, got 2.5"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 4294967295\], got -1"),
+    ({"seed": 2**64}, r"seed must be an integer in \[0, 4294967295\], got 18446744073709551616"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1, got 0"),
+    ({"mixed_precision": "fp8"}, "mixed_precision must be one of .*, got 'fp8'"),
+    ({"save_dtype": torch.int8}, "save_dtype must be"),
     ({"resolution": 24}, "resolution 24"),
 ])
 def test_bad_arguments(tmp_path, square_data, kw, msg):
@@ -110,3 +117,58 @@ def test_preset_errors():
         get_preset("tiny", prediction_type="x0")
     assert get_preset("small").vae_block_channels(64) == (16, 32, 64)
     assert get_preset("small").vae_block_channels(128) == (16, 32, 64, 64)
+
+
+def test_trainer_is_valid_once_constructed(tmp_path, square_data, tiny_text_encoder):
+    data = load_dataset(square_data, resolution=16, progress=False)
+    t = Trainer(data, tmp_path / "m", get_preset("tiny"), resolution=16, text_encoder=str(tiny_text_encoder),
+                progress=False)
+    assert not (tmp_path / "m").exists()  # constructing writes nothing
+    assert t.log.path == tmp_path / "m" / "train_log.csv" and t.run_start > 0
+    assert t.noise_scheduler.config.num_train_timesteps == 1000
+    assert t.mixed_precision == resolve_mixed_precision("auto", torch.device("cpu"))
+    info = t.model_info()  # usable before run()
+    assert info["training"]["steps"] == {} and info["text_encoder"]["name"] == tiny_text_encoder.name
+    assert info["train_config"]["vae_mid_block_attention"] is False
+
+
+def test_mixed_precision_choice_recorded(tmp_path, tiny_model, square_data, tiny_text_encoder):
+    data = load_dataset(square_data, resolution=16, progress=False)
+    auto = Trainer(data, tmp_path / "m", get_preset("tiny"), resolution=16, text_encoder=str(tiny_text_encoder),
+                   progress=False).model_info()  # the default is "auto"
+    expected = "bf16" if bf16_supported(torch.device("cpu")) else "no"
+    assert auto["training"]["mixed_precision"] == expected
+    assert auto["training"]["mixed_precision_requested"] == "auto"
+    info = json.loads((tiny_model / "radsynth.json").read_text())  # the fixture asks for fp32 explicitly
+    assert info["training"]["mixed_precision"] == "no" and info["training"]["mixed_precision_requested"] == "no"
+
+
+def test_resolve_mixed_precision():
+    cpu = torch.device("cpu")
+    assert resolve_mixed_precision("no", cpu) == "no"
+    assert resolve_mixed_precision("auto", cpu) == ("bf16" if bf16_supported(cpu) else "no")
+    assert resolve_mixed_precision("auto", torch.device("mps")) == "no"
+    with pytest.raises(ValueError, match="mixed_precision 'bf16' needs a device with native bfloat16"):
+        resolve_mixed_precision("bf16", torch.device("mps"))
+    with pytest.raises(ValueError, match="got 'half'"):
+        resolve_mixed_precision("half", cpu)
+
+
+def test_large_seeds_give_distinct_generators():
+    a = torch.rand(3, generator=_step_generator(2**32 - 1, "unet", 10**6, 63))
+    b = torch.rand(3, generator=_step_generator(2**32 - 2, "unet", 10**6, 63))
+    assert not torch.equal(a, b)
+    # small seeds keep the values they always had
+    assert _step_generator(0, "vae", 3, 0).initial_seed() == ((0 * 1_000_003 + 1) * 1_000_033 + 3) * 64
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bfloat16 on this CPU")
+def test_fp32_and_bf16_runs_in_one_process(tmp_path, square_data, tiny_text_encoder):
+    _train(square_data, tmp_path / "fp32", tiny_text_encoder, max_steps=2, mixed_precision="no")
+    _train(square_data, tmp_path / "bf16", tiny_text_encoder, max_steps=2, mixed_precision="bf16")
+    for name in ("fp32", "bf16"):
+        info = json.loads((tmp_path / name / "radsynth.json").read_text())
+        assert info["training"]["mixed_precision"] == {"fp32": "no", "bf16": "bf16"}[name]
+    a, b = _weights(tmp_path / "fp32", "unet"), _weights(tmp_path / "bf16", "unet")
+    gap = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 0 < gap < 1e-2  # bf16 autocast really ran, and trained the same model
