@@ -34,7 +34,6 @@ saved).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -54,13 +53,23 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel, compute_snr
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from conditioning.prompts import paraphrase_prompt
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
 from generator._utils import best_device, cpu_only
+from generator.checkpoints import (
+    CHECKPOINT_FORMAT,
+    STATE_JSON,
+    json_plain,
+    latest_checkpoint,
+    load_weights,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_checkpoint_state,
+    read_checkpoint_tensors,
+    write_checkpoint,
+)
 from generator.data import IngestResult
 from generator.models.build import build_noise_scheduler, build_unet, build_vae
 from generator.models.config import TrainConfig
@@ -83,13 +92,10 @@ StepHook = Callable[[str, int], None]
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 #: Version of the checkpoint layout (``state.json`` ``"format"``).
-CHECKPOINT_FORMAT = 1
 
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
-_STATE_JSON = "state.json"
 _RUN_JSON = "run.json"
-_TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "ema.safetensors")
 _MAX_SEED = 2**32 - 1
 
 
@@ -238,156 +244,6 @@ class _Log:
 
 
 # ---------------------------------------------------------------------- checkpoint files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _json_plain(value: Any) -> Any:
-    """Tuples as lists, recursively (what ``json`` writes anyway), so that equality checks agree."""
-    if isinstance(value, (list, tuple)):
-        return [_json_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_plain(v) for k, v in value.items()}
-    return value
-
-
-def _optimizer_to_files(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors (flat keys ``state.<index>.<name>``) and JSON.
-
-    Returns:
-        ``(tensors, meta)``: ``meta`` holds ``param_groups`` (hyper-parameters, parameter indices) and
-        ``state_scalars`` (non-tensor per-parameter state, by index).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{int(idx)}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(int(idx)), {})[name] = value
-    return tensors, {"param_groups": _json_plain(state["param_groups"]), "state_scalars": scalars}
-
-
-def _optimizer_from_files(
-    tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], current: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Inverse of :func:`_optimizer_to_files`; ``current`` (the live optimizer's ``state_dict()``)
-    gives the Python types of hyper-parameters (``betas`` is a tuple)."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        kind, idx, name = key.split(".", 2)
-        if kind != "state" or not idx.isdigit():
-            raise ValueError(f"unexpected optimizer tensor {key!r}")
-        state.setdefault(int(idx), {})[name] = value
-    for idx, values in meta["state_scalars"].items():
-        state.setdefault(int(idx), {}).update(values)
-    groups = []
-    if len(meta["param_groups"]) != len(current["param_groups"]):
-        raise ValueError(
-            f"the checkpoint has {len(meta['param_groups'])} optimizer parameter groups, the model "
-            f"{len(current['param_groups'])}"
-        )
-    for saved, live in zip(meta["param_groups"], current["param_groups"]):
-        groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
-    return {"state": state, "param_groups": groups}
-
-
-def _write_checkpoint(folder: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any]) -> None:
-    """Write ``folder`` atomically: files go to a hidden sibling folder, which is then renamed.
-
-    Args:
-        folder: Final checkpoint folder (replaced if it exists).
-        tensors: File name (one of ``model/optimizer/ema.safetensors``) -> flat tensor dict.
-        state: JSON-serialisable state; ``format`` and ``files`` (size and SHA-256 per file) are added.
-    """
-    tmp = folder.parent / f".tmp-{folder.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        files = {}
-        for name, flat in tensors.items():
-            if name not in _TENSOR_FILES:
-                raise ValueError(f"checkpoint file name must be one of {_TENSOR_FILES}, got {name!r}")
-            save_file(dict(flat), str(tmp / name))
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        payload = {"format": CHECKPOINT_FORMAT, **state, "files": files}
-        (tmp / _STATE_JSON).write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
-        old = folder.parent / f".old-{folder.name}-{os.getpid()}"
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def read_checkpoint_state(folder: str | Path) -> dict[str, Any]:
-    """The ``state.json`` of a checkpoint folder.
-
-    Raises:
-        ValueError: the file is missing, truncated or not a RadSynth checkpoint state (the message
-            names the file).
-    """
-    path = Path(folder) / _STATE_JSON
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"checkpoint file {str(path)!r} is missing or damaged ({exc}); delete {str(path.parent)!r} to "
-            "resume from an earlier checkpoint, or start again with --overwrite"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not isinstance(
-        state.get("files"), dict
-    ):
-        raise ValueError(
-            f"checkpoint file {str(path)!r} is not a RadSynth checkpoint state of format {CHECKPOINT_FORMAT}"
-        )
-    return state
-
-
-def read_checkpoint_tensors(folder: str | Path, name: str, state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Load one safetensors file of a checkpoint after checking its size and SHA-256 against
-    ``state["files"]`` (never a pickle: only the names in ``model/optimizer/ema.safetensors`` are read).
-
-    Raises:
-        ValueError: the file is not listed, missing, truncated or altered (the message names it).
-    """
-    if name not in _TENSOR_FILES:
-        raise ValueError(f"checkpoint file name must be one of {_TENSOR_FILES}, got {name!r}")
-    path = Path(folder) / name
-    expected = state["files"].get(name)
-    if not isinstance(expected, dict):
-        raise ValueError(f"checkpoint {str(folder)!r} has no {name} in its {_STATE_JSON}")
-    if not path.is_file():
-        raise ValueError(f"checkpoint file {str(path)!r} is missing")
-    size = path.stat().st_size
-    if size != expected.get("bytes"):
-        raise ValueError(
-            f"checkpoint file {str(path)!r} is damaged: {size} bytes, {_STATE_JSON} says {expected.get('bytes')} "
-            "(truncated?)"
-        )
-    if _sha256(path) != expected.get("sha256"):
-        raise ValueError(f"checkpoint file {str(path)!r} is damaged: its SHA-256 differs from {_STATE_JSON}")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"checkpoint file {str(path)!r} is not a readable safetensors file ({exc})") from None
-
-
-def _latest_checkpoint(workspace: Path, stage: str) -> Path | None:
-    found = [
-        p for p in workspace.glob(f"{stage}-*")
-        if p.is_dir() and p.name.split("-", 1)[1].isdigit() and (p / _STATE_JSON).exists()
-    ]
-    found.sort(key=lambda p: int(p.name.split("-", 1)[1]))
-    return found[-1] if found else None
-
-
 class Trainer:
     """Trains a RadSynth model folder from an :class:`IngestResult`.
 
@@ -585,7 +441,7 @@ class Trainer:
         """What a checkpoint must share with this run to be resumed (``checkpoints/run.json``)."""
         return {
             "format": CHECKPOINT_FORMAT,
-            "train_config": _json_plain(self.config.to_dict()),
+            "train_config": json_plain(self.config.to_dict()),
             "resolution": self.resolution,
             "seed": self.seed,
             "data_fingerprint": self.data.fingerprint(),
@@ -661,7 +517,7 @@ class Trainer:
             # Scale latents to unit variance (stored in the VAE config as scaling_factor).
             vae.register_to_config(scaling_factor=float(1.0 / latents_mean.std().clamp_min(1e-6)))
             if self._main:
-                _write_checkpoint(
+                write_checkpoint(
                     self.workspace / "vae-final",
                     {"model.safetensors": {k: v.detach().contiguous() for k, v in vae.state_dict().items()}},
                     {"stage": "vae", "final": True, "step": self.result.steps["vae"],
@@ -691,12 +547,12 @@ class Trainer:
         """The trained VAE, and whether it was trained now (False: loaded from a finished stage)."""
         cfg, acc = self.config, self.accelerator
         final = self.workspace / "vae-final"
-        if self.resume and (final / _STATE_JSON).exists():
+        if self.resume and (final / STATE_JSON).exists():
             self._say(f"resume: VAE stage already finished ({final})")
             state = read_checkpoint_state(final)
             with torch.random.fork_rng(devices=[]):
                 vae = build_vae(cfg, self.resolution)
-            _load_weights(vae, read_checkpoint_tensors(final, "model.safetensors", state), final)
+            load_weights(vae, read_checkpoint_tensors(final, "model.safetensors", state), final)
             vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
             self.result.steps["vae"] = int(state["step"])
             self.result.final_loss["vae"] = float(state["loss"])
@@ -860,14 +716,14 @@ class Trainer:
         acc = self.accelerator
         if self._main:
             net = acc.unwrap_model(model, keep_fp32_wrapper=False)
-            opt_tensors, opt_meta = _optimizer_to_files(opt.state_dict())
+            opt_tensors, opt_meta = optimizer_to_files(opt.state_dict())
             tensors = {
                 "model.safetensors": {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
                 "optimizer.safetensors": opt_tensors,
             }
             state: dict[str, Any] = {
                 "stage": stage, "step": step, "plan_total": plan.total,
-                "optimizer": opt_meta, "scheduler": _json_plain(sched.state_dict()),
+                "optimizer": opt_meta, "scheduler": json_plain(sched.state_dict()),
                 "grad_scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 "num_processes": acc.num_processes,
             }
@@ -879,7 +735,7 @@ class Trainer:
                 }
                 state["ema"] = {k: v for k, v in ema_state.items() if k != "shadow_params"}
             ckpt = self.workspace / f"{stage}-{step}"
-            _write_checkpoint(ckpt, tensors, state)
+            write_checkpoint(ckpt, tensors, state)
             for old in self.workspace.glob(f"{stage}-*"):
                 if old != ckpt and old.name.split("-", 1)[1].isdigit():
                     shutil.rmtree(old, ignore_errors=True)
@@ -893,15 +749,15 @@ class Trainer:
         """
         if not self.resume:
             return 0
-        ckpt = _latest_checkpoint(self.workspace, stage)
+        ckpt = latest_checkpoint(self.workspace, stage)
         if ckpt is None:
             return 0
         state = read_checkpoint_state(ckpt)
         net = self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-        _load_weights(net, read_checkpoint_tensors(ckpt, "model.safetensors", state), ckpt)
+        load_weights(net, read_checkpoint_tensors(ckpt, "model.safetensors", state), ckpt)
         opt_tensors = read_checkpoint_tensors(ckpt, "optimizer.safetensors", state)
         try:
-            opt.load_state_dict(_optimizer_from_files(opt_tensors, state["optimizer"], opt.state_dict()))
+            opt.load_state_dict(optimizer_from_files(opt_tensors, state["optimizer"], opt.state_dict()))
             sched.load_state_dict(dict(state["scheduler"]))
             if self.accelerator.scaler is not None and state.get("grad_scaler"):
                 self.accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -1049,15 +905,6 @@ training images: audit every synthetic dataset with `radsynth audit` before shar
 Synthetic data for research: augmentation, teaching sets, model stress tests. Not for diagnosis.
 Synthetic images are marked as such when exported (DICOM Synthetic Data = YES).
 """
-
-
-def _load_weights(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
-    """``model.load_state_dict(tensors)`` with a ``ValueError`` naming the checkpoint on a mismatch."""
-    try:
-        model.load_state_dict(dict(tensors), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ValueError(f"checkpoint {str(where)!r} does not fit the model: {first}") from None
 
 
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
