@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
-        print("radsynth: interrupted; finished files are kept, run again to continue.", file=sys.stderr)
+        hint = "run it again with --resume" if verb in ("train", "prepare") else "run the same command again"
+        print(f"radsynth {verb}: interrupted; finished files are kept: {hint} to continue.", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - every error ends as one line (with --debug: traceback)
         if debug:

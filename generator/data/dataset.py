@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -182,17 +182,23 @@ class _State:
         logger.warning("skipped %s: %s", path, reason)
         self.skipped.append(SkippedFile(path=path, reason=reason))
 
-    def add(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
-            intensity: IntensityMapping, extra: dict[str, Any]) -> None:
+    def make(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
+             intensity: IntensityMapping, extra: dict[str, Any]) -> ImageRecord | None:
+        """The record (resized when ``resolution`` is set), or ``None`` after reporting a skip."""
         if image.ndim != 2 or min(image.shape) < MIN_SIDE:
             self.skip(file_name, f"too small: {'x'.join(map(str, image.shape))} pixels "
                                  f"(an image needs at least {MIN_SIDE}x{MIN_SIDE})")
-            return
+            return None
         if self.resolution is not None:
             image = readers.area_resize(image, self.resolution)
-        self.records.append(ImageRecord(file_name=file_name, text=text,
-                                        image=np.asarray(image, dtype=np.float32),
-                                        attributes=attributes, intensity=intensity, extra=extra))
+        return ImageRecord(file_name=file_name, text=text, image=np.asarray(image, dtype=np.float32),
+                           attributes=attributes, intensity=intensity, extra=extra)
+
+    def add(self, file_name: str, text: str, image: np.ndarray, attributes: dict[str, Any],
+            intensity: IntensityMapping, extra: dict[str, Any]) -> None:
+        record = self.make(file_name, text, image, attributes, intensity, extra)
+        if record is not None:
+            self.records.append(record)
 
     def summary(self, source: str) -> str:
         n, k = len(self.records), len(self.skipped)
@@ -257,49 +263,65 @@ def _load_imagefolder(root: Path, metas: list[Path], ct: tuple[float, float], ni
 
     for rel in tqdm(sorted(groups, key=readers.natural_key), desc="reading images", unit="file",
                     disable=not progress):
-        rows = groups[rel]
-        file_path = root / rel
-        if not file_path.is_file():
-            state.skip(rel, f"missing file: listed in {rows[0][3]} but not found")
+        state.records.extend(file_records(root, rel, groups[rel], ct, nifti_axis, state))
+
+
+#: One metadata row naming an image file: (fragment or None, row, from CSV, metadata file name).
+RowRef = tuple[str | None, dict[str, Any], bool, str]
+
+
+def file_records(root: Path, rel: str, rows: list[RowRef], ct: tuple[float, float], nifti_axis: int,
+                 state: _State) -> Iterator[ImageRecord]:
+    """Records of one imagefolder file (all its metadata rows), in frame order.
+
+    Shared by :func:`load_dataset` and the streaming preparation in :mod:`generator.data.preparing`.
+    Skips go to ``state.skip``; ``state.files_read`` counts the file once it could be read.
+    """
+    file_path = root / rel
+    if not file_path.is_file():
+        state.skip(rel, f"missing file: listed in {rows[0][3]} but not found")
+        return
+    cache: dict[int, list[Any]] = {}
+    failed = False
+    state.files_read += 1
+    for frag, row, from_csv, meta_rel in rows:
+        text = row.get("text")
+        if text is None:
+            state.skip(rel, f"no text: the {meta_rel} row for {rel} has no 'text'")
             continue
-        cache: dict[int, list[Any]] = {}
-        failed = False
-        state.files_read += 1
-        for frag, row, from_csv, meta_rel in rows:
-            text = row.get("text")
-            if text is None:
-                state.skip(rel, f"no text: the {meta_rel} row for {rel} has no 'text'")
+        attributes, extra = split_row(row, from_csv)
+        hint = str(attributes.get("modality") or "OT").upper()
+        axis = nifti_axis
+        if frag is not None and frag[:2] in ("x=", "y=", "z="):
+            axis = readers.AXIS_LETTERS.index(frag[0])
+        if axis not in cache:
+            try:
+                cache[axis], _ = _read_any(file_path, hint, ct, axis)
+            except readers.UnreadableFile as exc:
+                state.skip(rel, f"unreadable {readers.sniff(file_path)} file: {exc}")
+                failed = True
+                break
+            except Exception as exc:  # noqa: BLE001 - report, skip, go on
+                state.skip(rel, f"unreadable {readers.sniff(file_path)} file: "
+                                f"{type(exc).__name__}: {exc}")
+                failed = True
+                break
+        frames = cache[axis]
+        if frag is not None:
+            frames = [f for f in frames if f.suffix == "#" + frag]
+            if not frames:
+                state.skip(f"{rel}#{frag}", f"no such slice/frame: {rel} has no #{frag}")
                 continue
-            attributes, extra = split_row(row, from_csv)
-            hint = str(attributes.get("modality") or "OT").upper()
-            axis = nifti_axis
-            if frag is not None and frag[:2] in ("x=", "y=", "z="):
-                axis = readers.AXIS_LETTERS.index(frag[0])
-            if axis not in cache:
-                try:
-                    cache[axis], _ = _read_any(file_path, hint, ct, axis)
-                except readers.UnreadableFile as exc:
-                    state.skip(rel, f"unreadable {readers.sniff(file_path)} file: {exc}")
-                    failed = True
-                    break
-                except Exception as exc:  # noqa: BLE001 - report, skip, go on
-                    state.skip(rel, f"unreadable {readers.sniff(file_path)} file: "
-                                    f"{type(exc).__name__}: {exc}")
-                    failed = True
-                    break
-            frames = cache[axis]
-            if frag is not None:
-                frames = [f for f in frames if f.suffix == "#" + frag]
-                if not frames:
-                    state.skip(f"{rel}#{frag}", f"no such slice/frame: {rel} has no #{frag}")
-                    continue
-            for fr in frames:
-                intensity = fr.intensity
-                if intensity.modality == "OT" and hint != "OT":
-                    intensity = replace(intensity, modality=hint)
-                state.add(rel + fr.suffix, str(text), fr.image, dict(attributes), intensity, dict(extra))
-        if failed:
-            state.files_read -= 1
+        for fr in frames:
+            intensity = fr.intensity
+            if intensity.modality == "OT" and hint != "OT":
+                intensity = replace(intensity, modality=hint)
+            record = state.make(rel + fr.suffix, str(text), fr.image, dict(attributes), intensity,
+                                dict(extra))
+            if record is not None:
+                yield record
+    if failed:
+        state.files_read -= 1
 
 
 def _read_reports(reports_csv: str | Path) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -343,35 +365,56 @@ def _load_dicom_folder(root: Path, files: list[Path], reports_csv: str | Path | 
     state.ignored = sum(1 for p in walk_files(root) if p.name.lower().endswith(_IMAGE_ENDINGS)
                         and p not in dicom_set)
     for path in tqdm(files, desc="reading DICOM", unit="file", disable=not progress):
-        rel = path.relative_to(root).as_posix()
-        try:
-            frames, header = readers.read_dicom(path, ct)
-        except readers.UnreadableFile as exc:
-            state.skip(rel, f"unreadable dicom file: {exc}")
-            continue
-        except Exception as exc:  # noqa: BLE001 - report, skip, go on
-            state.skip(rel, f"unreadable dicom file: {type(exc).__name__}: {exc}")
-            continue
-        if header.modality in _NON_IMAGE_MODALITIES:
-            state.skip(rel, f"not an image: DICOM modality {header.modality} "
-                            "(list it in a metadata file to use it anyway)")
-            continue
-        attributes = header.attributes()
-        extra: dict[str, Any] = {}
-        if reports is not None:
-            value = header.study_uid if key == "StudyInstanceUID" else header.accession
-            row = reports.get(value or "")
-            if row is None:
-                state.skip(rel, f"no report: {key} {value!r} is not in {Path(reports_csv).name}")
-                continue
-            text = str(row.get("text") or "")
-            more, extra = split_row(row, from_csv=True)
-            attributes.update(more)
-        else:
-            text = header.text()
-        state.files_read += 1
-        for fr in frames:
-            state.add(rel + fr.suffix, text, fr.image, dict(attributes), fr.intensity, dict(extra))
+        state.records.extend(dicom_file_records(
+            root, path, key, None if reports is None else reports.get,
+            None if reports_csv is None else Path(reports_csv).name, ct, state))
+
+
+def dicom_file_records(root: Path, path: Path, key: str | None,
+                       report_of: Callable[[str], dict[str, Any] | None] | None, reports_name: str | None,
+                       ct: tuple[float, float], state: _State) -> Iterator[ImageRecord]:
+    """Records of one file of a DICOM folder without metadata (one per frame).
+
+    Args:
+        root: The DICOM folder.
+        path: The file, under ``root``.
+        key: ``"StudyInstanceUID"`` or ``"AccessionNumber"`` (the reports' key column), or ``None``.
+        report_of: Key value -> report row (``None``: no report), or ``None`` without a reports CSV.
+        reports_name: The reports CSV's file name, used in skip reasons.
+        ct: CT window ``(centre, width)`` in HU.
+        state: Collects skips and the count of files read.
+    """
+    rel = path.relative_to(root).as_posix()
+    try:
+        frames, header = readers.read_dicom(path, ct)
+    except readers.UnreadableFile as exc:
+        state.skip(rel, f"unreadable dicom file: {exc}")
+        return
+    except Exception as exc:  # noqa: BLE001 - report, skip, go on
+        state.skip(rel, f"unreadable dicom file: {type(exc).__name__}: {exc}")
+        return
+    if header.modality in _NON_IMAGE_MODALITIES:
+        state.skip(rel, f"not an image: DICOM modality {header.modality} "
+                        "(list it in a metadata file to use it anyway)")
+        return
+    attributes = header.attributes()
+    extra: dict[str, Any] = {}
+    if report_of is not None:
+        value = header.study_uid if key == "StudyInstanceUID" else header.accession
+        row = report_of(value or "")
+        if row is None:
+            state.skip(rel, f"no report: {key} {value!r} is not in {reports_name}")
+            return
+        text = str(row.get("text") or "")
+        more, extra = split_row(row, from_csv=True)
+        attributes.update(more)
+    else:
+        text = header.text()
+    state.files_read += 1
+    for fr in frames:
+        record = state.make(rel + fr.suffix, text, fr.image, dict(attributes), fr.intensity, dict(extra))
+        if record is not None:
+            yield record
 
 
 def _load_npz(path: Path, label_text: Mapping[int, str] | None, split: str, state: _State) -> None:
@@ -381,6 +424,23 @@ def _load_npz(path: Path, label_text: Mapping[int, str] | None, split: str, stat
         names = list(z.files)
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    ik, lk = npz_keys(path, names, split)
+    images, labels = np.asarray(z[ik]), np.asarray(z[lk])
+    images = npz_gray(images)
+    labels = npz_labels(path, split, labels, images.shape)
+    texts, mapping, scale = npz_plan(path, split, labels, label_text, images.shape, z[ik].dtype,
+                                     lambda: (float(images.min()), float(images.max())))
+    state.files_read = 1
+    for i in range(images.shape[0]):
+        state.add(*npz_record_parts(path, split, i, images[i], int(labels[i]), texts, mapping, scale))
+
+
+def npz_keys(path: Path, names: list[str], split: str) -> tuple[str, str]:
+    """The image and label array names of ``split``.
+
+    Raises:
+        ValueError: the arrays are missing (naming the file, the split and the arrays found).
+    """
     ik, lk = f"{split}_images", f"{split}_labels"
     splits = sorted({n.rsplit("_", 1)[0] for n in names if n.endswith(("_images", "_labels"))})
     if ik not in names or lk not in names:
@@ -388,20 +448,56 @@ def _load_npz(path: Path, label_text: Mapping[int, str] | None, split: str, stat
             f"{path}: npz_split={split!r} needs arrays {ik!r} and {lk!r}; arrays found: {names} "
             f"(splits: {splits})"
         )
-    images, labels = np.asarray(z[ik]), np.asarray(z[lk])
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"{path}: {lk} must have shape (N,) or (N, 1) matching {ik} {images.shape}, got "
-            f"{labels.shape} (multi-label arrays are not supported)"
-        )
+    return ik, lk
+
+
+def npz_gray(images: np.ndarray) -> np.ndarray:
+    """``(N, H, W, 1|3)`` -> ``(N, H, W)`` (colour to luma, ITU-R 601); other shapes unchanged."""
     if images.ndim == 4 and images.shape[-1] in (1, 3):
-        images = images[..., 0] if images.shape[-1] == 1 else (
+        return images[..., 0] if images.shape[-1] == 1 else (
             images[..., 0] * 0.299 + images[..., 1] * 0.587 + images[..., 2] * 0.114
         ).astype(images.dtype if images.dtype.kind == "f" else np.float64)
-    if images.ndim != 3:
-        raise ValueError(f"{path}: {ik} must have shape (N, H, W) or (N, H, W, 3), got {images.shape}")
+    return images
+
+
+def npz_labels(path: Path, split: str, labels: np.ndarray, images_shape: tuple[int, ...]) -> np.ndarray:
+    """``(N,)`` labels of ``split``, checked against the (grey) images' shape ``(N, H, W)``.
+
+    Raises:
+        ValueError: wrong label or image shape (naming the file and the shapes).
+    """
+    ik, lk = f"{split}_images", f"{split}_labels"
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.shape[0] != images_shape[0]:
+        raise ValueError(
+            f"{path}: {lk} must have shape (N,) or (N, 1) matching {ik} {tuple(images_shape)}, got "
+            f"{labels.shape} (multi-label arrays are not supported)"
+        )
+    if len(images_shape) != 3:
+        raise ValueError(f"{path}: {ik} must have shape (N, H, W) or (N, H, W, 3), got {tuple(images_shape)}")
+    return labels
+
+
+def npz_plan(path: Path, split: str, labels: np.ndarray, label_text: Mapping[int, str] | None,
+             images_shape: tuple[int, ...], dtype: np.dtype,
+             value_range: Callable[[], tuple[float, float]]
+             ) -> tuple[dict[int, str], IntensityMapping, float]:
+    """Texts per label, the intensity mapping and the pixel scale of an ``.npz`` split.
+
+    Args:
+        path: The ``.npz`` file (named in errors).
+        split: The split read.
+        labels: ``(N,)`` labels.
+        label_text: Label -> prompt text.
+        images_shape: Shape of the (grey) images, ``(N, H, W)``.
+        dtype: The stored image dtype.
+        value_range: Returns (min, max) over all images; called only for a floating-point dtype.
+
+    Raises:
+        ValueError: missing ``label_text`` or texts, or an unsupported dtype / value range.
+    """
+    ik, lk = f"{split}_images", f"{split}_labels"
     uniq = sorted(int(v) for v in np.unique(labels))
     if label_text is None:
         raise ValueError(
@@ -418,18 +514,21 @@ def _load_npz(path: Path, label_text: Mapping[int, str] | None, split: str, stat
         raise ValueError(
             f"label_text has no text for labels {missing} found in {path} ({lk}); given: {sorted(texts)}"
         )
-    dtype = z[ik].dtype
+    dtype = np.dtype(dtype)
     if dtype == np.uint8:
-        mapping, scale = IntensityMapping("npz_uint8", 0.0, 255.0, "", 8, "OT"), 255.0
-    elif dtype == np.uint16:
-        mapping, scale = IntensityMapping("npz_uint16", 0.0, 65535.0, "", 16, "OT"), 65535.0
-    elif dtype.kind == "f" and images.size and 0.0 <= float(images.min()) and float(images.max()) <= 1.0:
-        mapping, scale = IntensityMapping("npz_float", 0.0, 1.0, "", 16, "OT"), 1.0
-    else:
-        raise ValueError(f"{path}: {ik} must be uint8, uint16 or float in [0, 1], got {dtype}")
-    state.files_read = 1
-    for i in range(images.shape[0]):
-        label = int(labels[i])
-        state.add(f"{path.name}#{split}/{i}", texts[label],
-                  (images[i].astype(np.float64) / scale).astype(np.float32),
-                  {"label": label}, mapping, {})
+        return texts, IntensityMapping("npz_uint8", 0.0, 255.0, "", 8, "OT"), 255.0
+    if dtype == np.uint16:
+        return texts, IntensityMapping("npz_uint16", 0.0, 65535.0, "", 16, "OT"), 65535.0
+    if dtype.kind == "f" and images_shape[0] * int(np.prod(images_shape[1:])):
+        lo, hi = value_range()
+        if 0.0 <= lo and hi <= 1.0:
+            return texts, IntensityMapping("npz_float", 0.0, 1.0, "", 16, "OT"), 1.0
+    raise ValueError(f"{path}: {ik} must be uint8, uint16 or float in [0, 1], got {dtype}")
+
+
+def npz_record_parts(path: Path, split: str, i: int, image: np.ndarray, label: int, texts: Mapping[int, str],
+                     mapping: IntensityMapping, scale: float
+                     ) -> tuple[str, str, np.ndarray, dict[str, Any], IntensityMapping, dict[str, Any]]:
+    """Arguments of ``_State.make``/``add`` for image ``i`` (``(H, W)``, stored dtype) of an ``.npz``."""
+    return (f"{path.name}#{split}/{i}", texts[label], (image.astype(np.float64) / scale).astype(np.float32),
+            {"label": label}, mapping, {})
