@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import sqlite3
+import shutil
 import sys
 import time
 import zipfile
@@ -671,13 +672,20 @@ def prepare(
         raise ValueError(f"output {str(out)!r} must not be inside the source {str(root)!r}")
     settings = _settings(resolution, shard_size, label_text, npz_split, reports, ct, nifti_axis)
     mode = _check_output(out, settings, resume, overwrite)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".shard-*.tmp"):
         stale.unlink()
 
     plan = _Plan(out / _PLAN_NAME)
     try:
-        _make_plan(plan, root, label_text, npz_split, reports, ct)
+        try:
+            _make_plan(plan, root, label_text, npz_split, reports, ct)
+        except Exception:
+            if created:  # a source refused before any shard was written leaves nothing behind
+                plan.close()
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         source_fp = _source_fingerprint(plan, settings)
         if mode == "done":
             manifest = read_json(out / MANIFEST_NAME, "manifest")

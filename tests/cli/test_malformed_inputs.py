@@ -131,6 +131,7 @@ def _numeric_cases() -> list[Case]:
         "phantoms": lambda e: ["phantoms", "--num-images", "2", "--output", str(e.out)],
         "train": lambda e: ["train", "--data", str(e.data), "--output", str(e.out)],
         "export": lambda e: ["export", "--input", str(e.data), "--format", "dicom", "--output", str(e.out)],
+        "prepare": lambda e: ["prepare", "--data", str(e.data), "--output", str(e.out), "--resolution", "16"],
     }
     ints = {
         "generate": ["--num-images", "--seed", "--steps", "--batch-size", "--max-resample", "--images-per-study"],
@@ -139,6 +140,7 @@ def _numeric_cases() -> list[Case]:
         "phantoms": ["--num-images", "--size", "--seed"],
         "train": ["--resolution", "--max-steps", "--seed"],
         "export": ["--images-per-study"],
+        "prepare": ["--resolution", "--workers", "--shard-size"],
     }
     floats = {
         "generate": ["--guidance-scale"],
@@ -279,6 +281,17 @@ def _path_cases() -> list[Case]:
                                                "--modality", "XX", "--output", str(e.out)]),
         ("export output is a file", lambda e: ["export", "--input", str(e.data), "--format", "dicom",
                                                "--output", str(e.file)]),
+        ("prepare data missing", lambda e: ["prepare", "--data", str(e.root / "nope"), "--output", str(e.out),
+                                            "--resolution", "16"]),
+        ("prepare data empty", lambda e: ["prepare", "--data", str(e.empty), "--output", str(e.out),
+                                          "--resolution", "16"]),
+        ("prepare data list line", lambda e: ["prepare", "--data", str(e.folders["list_line"]), "--output",
+                                              str(e.out), "--resolution", "16"]),
+        ("prepare data csv quote", lambda e: ["prepare", "--data", str(e.folders["csv_quote"]), "--output",
+                                              str(e.out), "--resolution", "16"]),
+        ("prepare output is a file", lambda e: ["prepare", "--data", str(e.data), "--output", str(e.file),
+                                                "--resolution", "16"]),
+        ("prepare no resolution", lambda e: ["prepare", "--data", str(e.data), "--output", str(e.out)]),
         ("unknown verb", lambda e: ["generat"]),
     ]
     return cases
