@@ -1,0 +1,58 @@
+"""Volumes (3D CT/MR): ingest, a 3D phantom, MONAI 3D networks, the sampling pipeline, a trainer, previews.
+
+- :mod:`generator.volumes.records`: :class:`Volume` ``(D, H, W)`` + RAS affine + spacing + mapping.
+- :mod:`generator.volumes.readers`: NIfTI and DICOM series readers.
+- :mod:`generator.volumes.geometry`: standard layout, resampling, crop/pad.
+- :mod:`generator.volumes.ingest`: :func:`load_volumes` for an imagefolder of volumes.
+- :mod:`generator.volumes.phantom`: procedural CT phantom in HU and its imagefolder writer.
+- :mod:`generator.volumes.models`: :class:`VolumeModelConfig`, presets, MONAI network builders.
+- :mod:`generator.volumes.model_folder`: save/load volume model folders.
+- :mod:`generator.volumes.pipeline`: :class:`VolumePipeline`.
+- :mod:`generator.volumes.training`: :class:`VolumeTrainer` (to merge into the shared trainer).
+- :mod:`generator.volumes.previews`: axial/coronal/sagittal preview PNGs.
+
+Names are imported lazily (``from generator.volumes import load_volumes`` imports only ingest).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Volume": "generator.volumes.records",
+    "VolumeIngestResult": "generator.volumes.records",
+    "ct_mapping": "generator.volumes.records",
+    "mr_mapping": "generator.volumes.records",
+    "read_nifti": "generator.volumes.readers",
+    "read_dicom_series": "generator.volumes.readers",
+    "SeriesError": "generator.volumes.readers",
+    "resample": "generator.volumes.geometry",
+    "crop_or_pad": "generator.volumes.geometry",
+    "centred_affine": "generator.volumes.geometry",
+    "load_volumes": "generator.volumes.ingest",
+    "prepare_volume": "generator.volumes.ingest",
+    "render_ct_phantom": "generator.volumes.phantom",
+    "phantom_attributes": "generator.volumes.phantom",
+    "write_phantom_volumes": "generator.volumes.phantom",
+    "VolumeModelConfig": "generator.volumes.models",
+    "get_volume_preset": "generator.volumes.models",
+    "save_volume_model": "generator.volumes.model_folder",
+    "load_volume_model": "generator.volumes.model_folder",
+    "read_volume_info": "generator.volumes.model_folder",
+    "VolumePipeline": "generator.volumes.pipeline",
+    "VolumePipelineOutput": "generator.volumes.pipeline",
+    "VolumeTrainer": "generator.volumes.training",
+    "VolumeTrainConfig": "generator.volumes.training",
+    "VolumeTrainingData": "generator.volumes.training",
+    "preview_image": "generator.volumes.previews",
+    "save_preview": "generator.volumes.previews",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'generator.volumes' has no attribute {name!r}")

@@ -1,0 +1,476 @@
+"""A compact two-stage trainer for volume models: the 3D VAE, then the 3D UNet on cached latents.
+
+Kept small and separate from the 2D :class:`generator.training.Trainer` on purpose; it follows the same
+conventions (AdamW, EMA of the UNet, classifier-free-guidance prompt dropout, per-step random
+generators, safetensors + JSON checkpoints written atomically, exact resume, step and time budgets)
+and will merge into the shared trainer (accelerate, presets, ``radsynth train --dims 3``) once that
+rewrite lands.
+
+Determinism: every random draw of step ``s`` of stage ``k`` (batch indices, posterior noise, timesteps,
+diffusion noise, prompt dropout) comes from ``torch.Generator`` seeded by ``(seed, k, s)``; nothing
+reads the global RNG after the networks are initialised (from ``seed``). A run interrupted after any
+checkpoint and resumed gives the same weights as an uninterrupted one (float32, same thread count).
+
+Files under ``output``: the model folder (:mod:`generator.volumes.model_folder`; UNet weights are the
+EMA), ``train_log.csv``, and ``checkpoints/`` (``state.json`` + ``tensors-<stage>-<step>.safetensors``:
+weights and optimizer moments only, never voxels or latents).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
+from generator.data.records import IntensityMapping
+from generator.manifest import atomic_write_text
+from generator.volumes.model_folder import save_volume_model
+from generator.volumes.models import (
+    VolumeModelConfig,
+    build_noise_scheduler,
+    build_unet,
+    build_vae,
+)
+from generator.volumes.records import VolumeIngestResult
+
+__all__ = ["VolumeTrainConfig", "VolumeTrainingData", "VolumeTrainer", "VolumeTrainResult"]
+
+_STAGES = {"vae": 1, "unet": 2}
+CHECKPOINT_FORMAT = "radsynth-volume-checkpoint-v1"
+
+
+@dataclass(frozen=True)
+class VolumeTrainConfig:
+    """Optimisation settings (saved in ``radsynth.json`` under ``training``).
+
+    Attributes:
+        seed: Base seed of initialisation and of every per-step draw.
+        vae_steps: Optimizer steps of the VAE stage.
+        unet_steps: Optimizer steps of the UNet stage.
+        batch_size: Volumes per VAE step.
+        unet_batch_size: Latents per UNet step.
+        vae_lr: AdamW learning rate of the VAE.
+        unet_lr: AdamW learning rate of the UNet (cosine decay to 10% after a short warm-up).
+        kl_weight: Weight of the KL term of the VAE loss (beside L1).
+        ema_decay: EMA decay of the UNet weights (saved weights are the EMA).
+        prompt_dropout: Share of UNet steps' prompts replaced by the null prompt ``""``.
+        max_minutes: Wall-clock budget of the whole run (``None``: none); the VAE stage gets
+            ``vae_share`` of it.
+        vae_share: Share of ``max_minutes`` for the VAE stage.
+        checkpoint_every: Steps between checkpoints (and at the end of each stage/run).
+
+    Raises:
+        ValueError: on construction, naming a bad field.
+    """
+
+    seed: int = 0
+    vae_steps: int = 200
+    unet_steps: int = 1000
+    batch_size: int = 4
+    unet_batch_size: int = 16
+    vae_lr: float = 2e-3
+    unet_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    ema_decay: float = 0.995
+    prompt_dropout: float = 0.1
+    max_minutes: float | None = None
+    vae_share: float = 0.3
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "unet_steps"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("batch_size", "unet_batch_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("vae_lr", "unet_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("ema_decay", "prompt_dropout", "vae_share"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes!r}")
+        if int(self.seed) < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed!r}")
+
+
+@dataclass
+class VolumeTrainingData:
+    """Training volumes in model range with their texts and the common geometry.
+
+    Attributes:
+        volumes: ``(N, D, H, W)`` float32 in ``[0, 1]``.
+        texts: N prompts.
+        spacing: ``(slice, row, column)`` mm of every volume.
+        intensity: Mapping from ``[0, 1]`` to physical units (the dataset's).
+        fingerprint: Identifies the data without containing it (recorded in ``radsynth.json``).
+
+    Raises:
+        ValueError: on construction, for shape/length mismatches or values outside ``[0, 1]``.
+    """
+
+    volumes: np.ndarray
+    texts: list[str]
+    spacing: tuple[float, float, float]
+    intensity: IntensityMapping
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        v = np.asarray(self.volumes, dtype=np.float32)
+        if v.ndim != 4 or v.shape[0] < 1:
+            raise ValueError(f"volumes must be (N, D, H, W) with N >= 1, got shape {v.shape}")
+        if len(self.texts) != v.shape[0]:
+            raise ValueError(f"texts has {len(self.texts)} entries but volumes has {v.shape[0]}")
+        if not np.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise ValueError(f"volumes must be finite in [0, 1], got range [{v.min():.4g}, {v.max():.4g}]")
+        self.volumes = np.ascontiguousarray(v)
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+
+    @classmethod
+    def from_ingest(cls, result: VolumeIngestResult) -> "VolumeTrainingData":
+        """From :func:`generator.volumes.ingest.load_volumes` (loaded with ``spacing`` and ``shape``).
+
+        Raises:
+            ValueError: no records, or records with different spacings or shapes.
+        """
+        if not result.records:
+            raise ValueError(f"no usable volumes ({result.summary})")
+        spacings = {tuple(round(s, 4) for s in r.spacing) for r in result.records}
+        if len(spacings) > 1:
+            raise ValueError(f"volumes have {len(spacings)} spacings {sorted(spacings)[:4]}; load with spacing=")
+        first = result.records[0].intensity
+        return cls(volumes=result.stack(), texts=[r.text for r in result.records],
+                   spacing=result.records[0].spacing, intensity=first, fingerprint=result.fingerprint())
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(D, H, W)``."""
+        return tuple(int(s) for s in self.volumes.shape[1:])  # type: ignore[return-value]
+
+
+@dataclass
+class VolumeTrainResult:
+    """What a :meth:`VolumeTrainer.run` call did.
+
+    Attributes:
+        output: The model folder.
+        finished: Both stages reached their step count or the time budget (the folder holds a model).
+        vae_step: VAE steps done so far.
+        unet_step: UNet steps done so far.
+        seconds: Training seconds so far (all runs of this output).
+        vae_loss: Mean VAE loss of the last 10 steps (``nan`` if none).
+        unet_loss: Mean UNet loss of the last 10 steps (``nan`` if none).
+    """
+
+    output: Path
+    finished: bool
+    vae_step: int
+    unet_step: int
+    seconds: float
+    vae_loss: float
+    unet_loss: float
+
+
+def _generator(seed: int, stage: str, step: int) -> torch.Generator:
+    state = np.random.SeedSequence([int(seed), _STAGES[stage], int(step)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _flat_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per in sd["state"].items():
+        for name, value in per.items():
+            if torch.is_tensor(value):
+                tensors[f"{prefix}.{int(idx)}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{int(idx)}.{name}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
+                       prefix: str) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix + "."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    live = opt.state_dict()["param_groups"]
+    groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in s.items()}
+              for s, g in zip(meta["param_groups"], live)]
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class VolumeTrainer:
+    """Train a volume model: VAE (L1 + KL), latent cache, UNet (epsilon MSE, EMA, prompt dropout).
+
+    Args:
+        data: The training volumes.
+        output: Model folder to write (checkpoints and log go inside).
+        model_config: Architecture (e.g. ``get_volume_preset("small")``).
+        train_config: Optimisation settings.
+        text_encoder: ``transformers`` folder, or ``None`` for the packaged MiniLM.
+        resume: Continue from ``output/checkpoints`` if present (the configs must match).
+        progress: Print a line per checkpoint.
+
+    Raises:
+        ValueError: a data shape the networks cannot handle, or (with ``resume``) a checkpoint made
+            with other configs or data.
+    """
+
+    def __init__(self, data: VolumeTrainingData, output: str | Path, model_config: VolumeModelConfig,
+                 train_config: VolumeTrainConfig, *, text_encoder: str | Path | None = None,
+                 resume: bool = False, progress: bool = False) -> None:
+        self.data, self.output = data, Path(output)
+        self.mc, self.tc = model_config, train_config
+        self.latent_shape = model_config.latent_shape(data.shape)
+        self.text_encoder_name = text_encoder
+        self.progress = progress
+        self.tokenizer, self.encoder = load_text_encoder(text_encoder)
+        torch.manual_seed(int(train_config.seed))
+        self.vae = build_vae(model_config)
+        self.unet = build_unet(model_config, hidden_size(self.encoder))
+        self.ema = build_unet(model_config, hidden_size(self.encoder)).requires_grad_(False)
+        self.ema.load_state_dict(self.unet.state_dict())
+        self.scheduler = build_noise_scheduler(model_config)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0)
+        self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=train_config.unet_lr, weight_decay=0.01)
+        self.vae_step = self.unet_step = 0
+        self.vae_done = self.unet_done = False
+        self.seconds = 0.0
+        self.scaling_factor: float | None = None
+        self._latents: torch.Tensor | None = None
+        self._losses: dict[str, list[float]] = {"vae": [], "unet": []}
+        texts = list(dict.fromkeys(["", *data.texts]))
+        states = encode_prompts(self.tokenizer, self.encoder, texts, dtype=torch.float32)
+        index = {t: i for i, t in enumerate(texts)}
+        self._null = states[index[""]]
+        self._context = states[[index[t] for t in data.texts]]
+        self.ckpt_dir = self.output / "checkpoints"
+        if resume and (self.ckpt_dir / "state.json").is_file():
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def _identity(self) -> dict[str, Any]:
+        return {"model_config": self.mc.to_dict(), "train_config": {**asdict(self.tc), "max_minutes": None},
+                "data": {"n": int(self.data.volumes.shape[0]), "shape": list(self.data.shape),
+                         "fingerprint": self.data.fingerprint}}
+
+    def _save_checkpoint(self) -> None:
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, net in (("vae", self.vae), ("unet", self.unet), ("ema", self.ema)):
+            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+        t1, m1 = _flat_optimizer(self.vae_opt, "vae_opt")
+        t2, m2 = _flat_optimizer(self.unet_opt, "unet_opt")
+        tensors.update(t1)
+        tensors.update(t2)
+        name = f"tensors-{self.vae_step:07d}-{self.unet_step:07d}.safetensors"
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.ckpt_dir / name)
+        state = {"format": CHECKPOINT_FORMAT, **self._identity(), "tensors": name, "vae_step": self.vae_step,
+                 "unet_step": self.unet_step, "vae_done": self.vae_done, "unet_done": self.unet_done,
+                 "seconds": self.seconds, "scaling_factor": self.scaling_factor,
+                 "vae_opt": m1, "unet_opt": m2, "losses": {k: v[-10:] for k, v in self._losses.items()}}
+        atomic_write_text(self.ckpt_dir / "state.json", json.dumps(state, indent=1) + "\n")
+        for old in self.ckpt_dir.glob("tensors-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def _load_checkpoint(self) -> None:
+        path = self.ckpt_dir / "state.json"
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: format {state.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+        mine = self._identity()
+        for key in ("model_config", "train_config", "data"):
+            theirs = state.get(key)
+            if key == "train_config" and theirs is not None:
+                theirs = {**theirs, "max_minutes": None}
+            if json.loads(json.dumps(mine[key])) != theirs:
+                raise ValueError(f"{path}: the checkpoint's {key} differs from this run's; resume with the "
+                                 f"same settings or start a new output folder")
+        tensors = load_file(str(self.ckpt_dir / state["tensors"]))
+        for name, net in (("vae", self.vae), ("unet", self.unet), ("ema", self.ema)):
+            prefix = name + "."
+            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        _restore_optimizer(self.vae_opt, tensors, state["vae_opt"], "vae_opt")
+        _restore_optimizer(self.unet_opt, tensors, state["unet_opt"], "unet_opt")
+        self.vae_step, self.unet_step = int(state["vae_step"]), int(state["unet_step"])
+        self.vae_done, self.unet_done = bool(state["vae_done"]), bool(state["unet_done"])
+        self.seconds, self.scaling_factor = float(state["seconds"]), state["scaling_factor"]
+        self._losses = {k: list(v) for k, v in state.get("losses", {}).items()} or self._losses
+
+    # ------------------------------------------------------------------------------ steps
+    def _vae_step(self) -> float:
+        g = _generator(self.tc.seed, "vae", self.vae_step)
+        n = self.data.volumes.shape[0]
+        idx = torch.randint(0, n, (self.tc.batch_size,), generator=g)
+        x = torch.from_numpy(self.data.volumes[idx.numpy()]).unsqueeze(1) * 2.0 - 1.0
+        self.vae.train()
+        z_mu, z_sigma = self.vae.encode(x)
+        eps = torch.randn(z_mu.shape, generator=g)
+        rec = self.vae.decode(z_mu + z_sigma * eps)
+        kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).flatten(1).sum(1).mean()
+        loss = F.l1_loss(rec, x) + self.tc.kl_weight * kl
+        self.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.vae_opt.step()
+        self.vae_step += 1
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def _cache_latents(self) -> None:
+        self.vae.eval()
+        out = []
+        for i in range(0, self.data.volumes.shape[0], 16):
+            x = torch.from_numpy(self.data.volumes[i:i + 16]).unsqueeze(1) * 2.0 - 1.0
+            out.append(self.vae.encode(x)[0])
+        z = torch.cat(out)
+        if self.scaling_factor is None:
+            self.scaling_factor = float(1.0 / max(float(z.std()), 1e-6))
+        self._latents = z * self.scaling_factor
+
+    def _unet_lr(self) -> float:
+        warm = max(1, min(50, self.tc.unet_steps // 10))
+        if self.unet_step < warm:
+            return self.tc.unet_lr * (self.unet_step + 1) / warm
+        progress = min(1.0, (self.unet_step - warm) / max(1, self.tc.unet_steps - warm))
+        return self.tc.unet_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def _unet_step(self) -> float:
+        if self._latents is None:
+            self._cache_latents()
+        g = _generator(self.tc.seed, "unet", self.unet_step)
+        n = self._latents.shape[0]
+        b = self.tc.unet_batch_size
+        idx = torch.randint(0, n, (b,), generator=g)
+        z0 = self._latents[idx]
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, self.mc.num_train_timesteps, (b,), generator=g)
+        drop = torch.rand(b, generator=g) < self.tc.prompt_dropout
+        context = torch.where(drop[:, None, None], self._null.expand_as(self._context[idx]), self._context[idx])
+        zt = self.scheduler.add_noise(z0, noise, t)
+        target = noise if self.mc.prediction_type == "epsilon" else self.scheduler.get_velocity(z0, noise, t)
+        self.unet.train()
+        pred = self.unet(zt, timesteps=t, context=context)
+        loss = F.mse_loss(pred, target)
+        for group in self.unet_opt.param_groups:
+            group["lr"] = self._unet_lr()
+        self.unet_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.unet_opt.step()
+        with torch.no_grad():
+            d = self.tc.ema_decay
+            for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
+                pe.mul_(d).add_(p.detach(), alpha=1 - d)
+            for be, bb in zip(self.ema.buffers(), self.unet.buffers()):
+                be.copy_(bb)
+        self.unet_step += 1
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------------------ run
+    def run(self, max_steps: int | None = None, callback: Callable[[str, int, float], None] | None = None
+            ) -> VolumeTrainResult:
+        """Train until both stages are done, the time budget is spent, or ``max_steps`` steps
+        (both stages counted) have run in this call; checkpoint; write the model folder when done.
+
+        Args:
+            max_steps: Steps to run in this call (``None``: no limit); for interruption and tests.
+            callback: ``callback(stage, step, loss)`` after each step.
+        """
+        self.output.mkdir(parents=True, exist_ok=True)
+        log_path = self.output / "train_log.csv"
+        new_log = not log_path.exists()
+        budget = None if self.tc.max_minutes is None else 60.0 * self.tc.max_minutes
+        ran = 0
+        t0, base = time.monotonic(), self.seconds
+        with open(log_path, "a", newline="") as fh:
+            log = csv.writer(fh)
+            if new_log:
+                log.writerow(["stage", "step", "loss", "seconds"])
+
+            def elapsed() -> float:
+                return base + time.monotonic() - t0
+
+            def stop() -> bool:
+                return max_steps is not None and ran >= max_steps
+
+            while not self.vae_done and not stop():
+                if self.vae_step >= self.tc.vae_steps or (budget and elapsed() >= budget * self.tc.vae_share):
+                    self.vae_done = True
+                    break
+                loss = self._vae_step()
+                ran += 1
+                self._losses["vae"].append(loss)
+                log.writerow(["vae", self.vae_step, f"{loss:.6g}", f"{elapsed():.2f}"])
+                if callback:
+                    callback("vae", self.vae_step, loss)
+                if self.vae_step % self.tc.checkpoint_every == 0:
+                    self.seconds = elapsed()
+                    self._save_checkpoint()
+            if self.vae_done and not self.unet_done:
+                self._cache_latents()
+            while self.vae_done and not self.unet_done and not stop():
+                if self.unet_step >= self.tc.unet_steps or (budget and elapsed() >= budget):
+                    self.unet_done = True
+                    break
+                loss = self._unet_step()
+                ran += 1
+                self._losses["unet"].append(loss)
+                log.writerow(["unet", self.unet_step, f"{loss:.6g}", f"{elapsed():.2f}"])
+                if callback:
+                    callback("unet", self.unet_step, loss)
+                if self.unet_step % self.tc.checkpoint_every == 0:
+                    self.seconds = elapsed()
+                    self._save_checkpoint()
+                    if self.progress:
+                        print(f"unet step {self.unet_step}: loss {np.mean(self._losses['unet'][-10:]):.4f} "
+                              f"({elapsed():.0f} s)", flush=True)
+            if self.vae_done and not self.unet_done and self.unet_step >= self.tc.unet_steps:
+                self.unet_done = True
+        self.seconds = elapsed()
+        self._save_checkpoint()
+        if self.unet_done:
+            self.save_model()
+
+        def mean(x: list[float]) -> float:
+            return float(np.mean(x[-10:])) if x else float("nan")
+
+        return VolumeTrainResult(self.output, self.unet_done, self.vae_step, self.unet_step, self.seconds,
+                                 mean(self._losses["vae"]), mean(self._losses["unet"]))
+
+    def save_model(self) -> Path:
+        """Write the model folder (UNet = EMA weights) into ``output``."""
+        if self.scaling_factor is None:
+            self._cache_latents()
+        info = {"shape": list(self.data.shape), "spacing": list(self.data.spacing),
+                "intensity": self.data.intensity.to_dict(), "modality": self.data.intensity.modality,
+                "scaling_factor": float(self.scaling_factor), "latent_shape": list(self.latent_shape),
+                "data_fingerprint": self.data.fingerprint, "training": {
+                    **asdict(self.tc), "vae_steps_done": self.vae_step, "unet_steps_done": self.unet_step,
+                    "seconds": round(self.seconds, 1), "num_volumes": int(self.data.volumes.shape[0])}}
+        te = None if self.text_encoder_name in (None, DEFAULT_TEXT_ENCODER) else self.text_encoder_name
+        return save_volume_model(self.output, vae=self.vae, unet=self.ema, scheduler=self.scheduler,
+                                 config=self.mc, info=info, text_encoder=te)

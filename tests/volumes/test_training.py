@@ -1,0 +1,115 @@
+"""The two-stage volume trainer: runs, resumes exactly, writes a loadable model folder without voxels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from generator.volumes.model_folder import load_volume_model, read_volume_info
+from generator.volumes.models import VolumeModelConfig, get_volume_preset
+from generator.volumes.pipeline import VolumePipeline
+from generator.volumes.training import VolumeTrainConfig, VolumeTrainer, VolumeTrainingData
+from tests.volumes.conftest import TINY_TRAIN
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for part in ("vae", "unet"):
+        out.update({f"{part}.{k}": v for k, v in load_file(str(folder / part / "model.safetensors")).items()})
+    return out
+
+
+def test_model_folder_layout_and_info(tiny_volume_model, phantom_data):
+    files = sorted(str(p.relative_to(tiny_volume_model)) for p in tiny_volume_model.rglob("*") if p.is_file())
+    model_files = [f for f in files if not f.startswith(("checkpoints/", "tokenizer/", "text_encoder/"))]
+    assert model_files == ["README.md", "radsynth.json", "scheduler/scheduler_config.json", "train_log.csv",
+                           "unet/config.json", "unet/model.safetensors", "vae/config.json", "vae/model.safetensors"]
+    assert not any(f.endswith((".npy", ".npz", ".nii.gz", ".pt", ".bin", ".pkl")) for f in files)
+    info = read_volume_info(tiny_volume_model)
+    assert info["dims"] == 3 and info["shape"] == [16, 16, 16]
+    assert info["spacing"] == pytest.approx(list(phantom_data.spacing))
+    assert info["intensity"]["kind"] == "ct_window" and info["intensity"]["unit"] == "HU"
+    assert info["scaling_factor"] > 0 and info["text_encoder"] == {"name": "tiny_text_encoder0"}
+    assert "/" not in json.dumps(info["text_encoder"])
+    # the EMA UNet is what is saved, and it differs from the raw UNet of the last checkpoint
+    ckpt = json.loads((tiny_volume_model / "checkpoints" / "state.json").read_text())
+    assert ckpt["unet_step"] == 8 and ckpt["vae_step"] == 6 and ckpt["unet_done"]
+
+
+def test_loaded_model_samples(tiny_volume_model):
+    pipe = VolumePipeline.from_pretrained(tiny_volume_model)
+    out = pipe(["chest CT, nodule", "chest CT, no acute findings"], seed=5, num_inference_steps=3)
+    assert out.volumes.shape == (2, 16, 16, 16) and out.volumes.dtype == np.float32
+    assert 0.0 <= out.volumes.min() and out.volumes.max() <= 1.0
+    hu = out.to_physical()
+    assert hu.min() >= -1024 - 1e-3 and hu.max() <= 1024 + 1e-3
+    assert out.spacing == pytest.approx(tuple(read_volume_info(tiny_volume_model)["spacing"]))
+
+
+def test_resume_equals_uninterrupted(tmp_path, phantom_data, tiny_text_encoder, tiny_volume_model):
+    preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
+    out = tmp_path / "resumed"
+    # stop mid-VAE (after 2 steps), then mid-UNet (5 more: 4 VAE + 1 UNet), then finish in a fresh trainer
+    for max_steps in (2, 5, None):
+        res = VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder),
+                            resume=True).run(max_steps=max_steps)
+        assert res.finished == (max_steps is None)
+    assert (res.vae_step, res.unet_step) == (6, 8)
+    a, b = _weights(tiny_volume_model), _weights(out)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6
+    ia, ib = read_volume_info(tiny_volume_model), read_volume_info(out)
+    assert ia["scaling_factor"] == pytest.approx(ib["scaling_factor"], abs=1e-6)
+    # the log has one row per step, none repeated
+    rows = (out / "train_log.csv").read_text().splitlines()[1:]
+    assert len(rows) == 14
+
+
+def test_different_seed_trains_differently(tmp_path, phantom_data, tiny_text_encoder, tiny_volume_model):
+    cfg = VolumeTrainConfig(**{**TINY_TRAIN, "seed": 1, "unet_steps": 2, "vae_steps": 2})
+    VolumeTrainer(phantom_data, tmp_path / "s1", get_volume_preset("tiny"), cfg,
+                  text_encoder=str(tiny_text_encoder)).run()
+    a, b = _weights(tiny_volume_model), _weights(tmp_path / "s1")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-3
+
+
+def test_resume_refuses_other_settings(tmp_path, phantom_data, tiny_text_encoder):
+    out = tmp_path / "o"
+    preset = get_volume_preset("tiny")
+    VolumeTrainer(phantom_data, out, preset, VolumeTrainConfig(**TINY_TRAIN),
+                  text_encoder=str(tiny_text_encoder)).run(max_steps=1)
+    other = VolumeTrainConfig(**{**TINY_TRAIN, "unet_lr": 5e-4})
+    with pytest.raises(ValueError, match="train_config differs"):
+        VolumeTrainer(phantom_data, out, preset, other, text_encoder=str(tiny_text_encoder), resume=True)
+
+
+def test_time_budget_stops_training(tmp_path, phantom_data, tiny_text_encoder):
+    cfg = VolumeTrainConfig(**{**TINY_TRAIN, "vae_steps": 10_000, "unet_steps": 10_000, "max_minutes": 0.02})
+    res = VolumeTrainer(phantom_data, tmp_path / "b", get_volume_preset("tiny"), cfg,
+                        text_encoder=str(tiny_text_encoder)).run()
+    assert res.finished and 0 < res.vae_step < 10_000 and 0 < res.unet_step < 10_000
+    assert res.seconds < 10
+    load_volume_model(tmp_path / "b")
+
+
+def test_bad_configs_and_data():
+    with pytest.raises(ValueError, match="unet_lr"):
+        VolumeTrainConfig(unet_lr=0)
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        VolumeTrainConfig(prompt_dropout=1.5)
+    with pytest.raises(ValueError, match="unet_attention"):
+        VolumeModelConfig(unet_attention=(True,))
+    with pytest.raises(ValueError, match="divisible"):
+        get_volume_preset("tiny").latent_shape((16, 16, 18))
+    with pytest.raises(ValueError, match="did you mean 'tiny'"):
+        get_volume_preset("tinny")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        from generator.volumes.records import ct_mapping
+
+        VolumeTrainingData(np.full((1, 4, 4, 4), 2.0), ["x"], (1, 1, 1), ct_mapping())
