@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from generator.manifest import append_line, atomic_write_text, read_manifest, save_png
 from generator.models.model_folder import ModelInfo
 from generator.models.pipeline import RadSynthPipeline
-from generator.models.samplers import make_sampler
+from generator.models.pipeline import Precision
+from generator.models.samplers import DEFAULT_SAMPLER, make_sampler
 
 RUN_FILE = "generation.json"
 
@@ -155,7 +156,7 @@ def generate_to_folder(
     *,
     steps: int = 25,
     guidance_scale: float = 2.0,
-    sampler: str = "dpm",
+    sampler: str = DEFAULT_SAMPLER,
     negative_prompt: str | None = None,
     batch_size: int = 8,
     gate: Gate | None = None,
@@ -163,7 +164,7 @@ def generate_to_folder(
     on_image: ImageHook | None = None,
     process_index: int = 0,
     num_processes: int = 1,
-    autocast_bf16: bool = False,
+    precision: Precision = "auto",
     progress: bool = True,
 ) -> GenerationSummary:
     """Make this process's share of ``requests`` into ``output`` (which must exist).
@@ -183,7 +184,8 @@ def generate_to_folder(
         on_image: Called for each written image; its dict is merged into the manifest line.
         process_index: This process's rank.
         num_processes: Number of processes sharing the run.
-        autocast_bf16: Run the UNet in bfloat16 autocast.
+        precision: ``"auto"`` (bfloat16 where the hardware has it), ``"fp32"``, ``"bf16"``, ``"fp16"``; the
+            precision actually used is recorded in each manifest line.
         progress: Show a progress bar.
 
     Returns:
@@ -210,14 +212,15 @@ def generate_to_folder(
     while pending:
         batch, pending = pending[:batch_size], pending[batch_size:]
         seeds = [attempt_seed(r.seed, a) for r, a, _ in batch]
-        images = pipe(
+        out = pipe(
             [r.text for r, _, _ in batch],
             seeds=seeds,
             negative_prompt=negative_prompt,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
-            autocast_bf16=autocast_bf16,
-        ).images
+            precision=precision,
+        )
+        images, used_precision = out.images, out.precision
         verdicts = gate(images) if gate is not None else [{} for _ in batch]
         retry: list[tuple[Request, int, list[int]]] = []
         for (req, attempt, rejected), seed, image, privacy in zip(batch, seeds, images, verdicts):
@@ -239,7 +242,7 @@ def generate_to_folder(
                 "model": info.model_hash,
                 "model_name": Path(info.path).name,
                 "sampler": sampler,
-                "precision": "bf16" if autocast_bf16 else "fp32",
+                "precision": used_precision,
                 "steps": steps,
                 "guidance_scale": guidance_scale,
                 "negative_prompt": negative_prompt,
@@ -308,8 +311,8 @@ def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
     precision = line.get("precision", "fp32")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"manifest line: precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"manifest line: precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
     pipe.scheduler = make_sampler(str(line.get("sampler", "dpm")), pipe.scheduler)
     return pipe(
         [text],
@@ -317,5 +320,5 @@ def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:
         negative_prompt=negative,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        autocast_bf16=precision == "bf16",
+        precision=precision,
     ).images[0]

@@ -5,12 +5,15 @@
     for the model trained by ``scripts/bench_train.py`` and for randomly initialised networks of
     other presets (``--speed-presets``, default the ``small`` preset at 64 px and the ``base`` preset's
     networks at 64 px with 16x16 latents; random weights cost the same as trained ones), images/s of
-    - ``RadSynthPipeline`` (fp32),
-    - the stock diffusers loop a user would otherwise write around the same ``vae``/``unet``/
-      ``text_encoder``/``tokenizer`` with ``DPMSolverMultistepScheduler`` (same config, steps,
-      guidance, per-image seeds and prompt padding length; its images must equal the pipeline's),
-    - ``RadSynthPipeline(autocast_bf16=True)`` when the CPU supports bfloat16 (AVX-512/AMX), with the
-      mean absolute pixel difference against fp32.
+    - ``diffusers_loop``: the stock diffusers loop a user would otherwise write around the same
+      ``vae``/``unet``/``text_encoder``/``tokenizer`` with ``DPMSolverMultistepScheduler`` (same config,
+      ``--speed-steps`` steps, guidance, per-image seeds and prompt padding length), float32;
+    - ``radsynth_fp32``: ``RadSynthPipeline`` with the same sampler (``"dpm"``), steps and float32
+      (its images must equal the stock loop's: the max abs difference is reported);
+    - ``radsynth_default_same_steps``: RadSynth's defaults (sampler ``DEFAULT_SAMPLER``,
+      ``precision="auto"``: bf16 where the hardware has it) at the stock loop's step count;
+    - ``radsynth_default``: RadSynth's defaults including its default (fewer) steps
+      (``generator.models.samplers.DEFAULT_STEPS``), the setting whose FD is checked in (b).
     Timings alternate between the methods for ``--repeats`` rounds (median reported) so background
     load hits them alike. Peak memory (``getrusage`` maxrss) is measured per method in a fresh
     subprocess (``--no-memory`` skips it).
@@ -21,7 +24,9 @@
     and the real validation split is reported for DPM-Solver++ at ``--dpm-steps`` (10/20/50) and DDPM
     with 1000 steps (on ``--ddpm-images``, fewer since it is slow), next to the real-vs-real
     reference (balanced training subsets of the same size vs val; the Fréchet distance is biased
-    upwards at small sample sizes, so compare rows at equal N). Conditioning is scored two ways:
+    upwards at small sample sizes, so compare rows at equal N). DPM-Solver++ rows run in float32 (the
+    stock loop's pixels); ``--samplers NAME:STEPS[:PRECISION],...`` adds rows for other samplers and
+    precisions (default: RadSynth's defaults, ``dpm++2m-karras:10:auto``). Conditioning is scored two ways:
     synthetic->real ROC AUC (a classifier trained on the samples, labelled by prompt, tested on real
     val) next to real->real AUC, and the real classifier's AUC on the samples.
 
@@ -34,6 +39,11 @@ Examples::
 
     # guidance sweep at DPM-Solver++ 20 steps
     python scripts/bench_sample.py --model bench_out/model --guidance-sweep 1,2,3,5 --skip-speed
+
+    # issue 14: defaults vs the stock loop (speed) and vs DPM 20 fp32 (FD), one thread
+    python scripts/bench_sample.py --model bench_out/model --out bench_out/i14 --threads 1 \\
+        --speed-presets "" --no-memory --repeats 5 --dpm-steps 10,20 --no-ddpm \\
+        --samplers dpm++2m-karras:10,dpm++2m-karras:10:fp32,unipc:10 --accuracy-images 32
 
     # smoke run: one thread, few images, no DDPM
     python scripts/bench_sample.py --model /tmp/bt/model --out /tmp/bs --threads 1 --images 16 \\
@@ -62,7 +72,11 @@ import torch  # noqa: E402
 
 from bench_train import DEFAULT_DATA, LABEL_TEXT, peak_rss_mib  # noqa: E402
 
-METHODS = ("radsynth", "diffusers_loop", "radsynth_bf16")
+from generator.models.pipeline import PRECISIONS, cpu_has_bf16  # noqa: E402
+from generator.models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, make_sampler  # noqa: E402
+
+#: Timed methods of the speed section (see the module docstring).
+METHODS = ("diffusers_loop", "radsynth_fp32", "radsynth_default_same_steps", "radsynth_default")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -73,11 +87,17 @@ def prompts_and_labels(n: int) -> tuple[list[str], np.ndarray]:
 
 
 def bf16_supported() -> bool:
-    """Whether the CPU has AVX-512 (or better, e.g. AMX) so that bfloat16 autocast pays off."""
-    try:
-        return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
-    except Exception:  # noqa: BLE001
-        return False
+    """Whether the CPU computes bfloat16 natively (AMX-BF16/AVX-512-BF16; see ``cpu_has_bf16``)."""
+    return cpu_has_bf16()
+
+
+def method_settings(method: str, speed_steps: int) -> tuple[str, int, str]:
+    """``(sampler, steps, precision)`` of a RadSynth method of :data:`METHODS`."""
+    return {
+        "radsynth_fp32": ("dpm", speed_steps, "fp32"),
+        "radsynth_default_same_steps": (str(DEFAULT_SAMPLER), speed_steps, "auto"),
+        "radsynth_default": (str(DEFAULT_SAMPLER), DEFAULT_STEPS, "auto"),
+    }[method]
 
 
 def build_pipeline(spec: str) -> Any:
@@ -91,7 +111,6 @@ def build_pipeline(spec: str) -> Any:
     from conditioning.text_encoder import hidden_size, load_text_encoder
     from generator.models.config import get_preset
     from generator.models.build import build_noise_scheduler, build_unet, build_vae
-    from generator.models.samplers import make_sampler
     from generator.models.pipeline import RadSynthPipeline
 
     preset, res, latent = rest.split(":")
@@ -147,12 +166,20 @@ def stock_diffusers_loop(
 
 
 def run_method(pipe: Any, method: str, prompts: list[str], seeds: list[int], steps: int,
-               guidance: float) -> np.ndarray:
-    """Images ``(B, H, W)`` in ``[0, 1]`` by one of :data:`METHODS`."""
+               guidance: float, base_scheduler: Any = None) -> np.ndarray:
+    """Images ``(B, H, W)`` in ``[0, 1]`` by one of :data:`METHODS` (``steps``: the stock loop's).
+
+    RadSynth methods set ``pipe.scheduler`` to their sampler, built from ``base_scheduler`` (default:
+    the pipeline's current scheduler); the stock loop builds its own from the scheduler's config.
+    """
     if method == "diffusers_loop":
+        if base_scheduler is not None:
+            pipe.scheduler = base_scheduler  # the stock loop copies the model's DPM-Solver++ config
         return stock_diffusers_loop(pipe, prompts, seeds, steps, guidance)
-    return pipe(prompts, seeds=seeds, num_inference_steps=steps, guidance_scale=guidance,
-                autocast_bf16=method == "radsynth_bf16").images
+    sampler, n_steps, precision = method_settings(method, steps)
+    pipe.scheduler = make_sampler(sampler, base_scheduler or pipe.scheduler)
+    return pipe(prompts, seeds=seeds, num_inference_steps=n_steps, guidance_scale=guidance,
+                precision=precision).images
 
 
 def _memory_probe(spec: str, method: str, n: int, steps: int, guidance: float, threads: int | None,
@@ -162,6 +189,7 @@ def _memory_probe(spec: str, method: str, n: int, steps: int, guidance: float, t
         if threads is not None:
             torch.set_num_threads(threads)
         pipe = build_pipeline(spec)
+        pipe.scheduler = make_sampler("dpm", pipe.scheduler)
         prompts, _ = prompts_and_labels(n)
         load_peak = peak_rss_mib()
         reset = _reset_peak_rss()
@@ -226,39 +254,51 @@ def speed_section(args: argparse.Namespace) -> list[dict[str, Any]]:
         preset, _, res = item.partition(":")
         specs.append((f"{preset} preset @ {res} px (random weights)",
                       f"random:{preset}:{res}:{args.speed_latent}"))
-    methods = [m for m in METHODS if m != "radsynth_bf16" or (bf16_supported() and not args.no_bf16)]
+    methods = list(METHODS)
     prompts, _ = prompts_and_labels(args.speed_images)
     seeds = list(range(args.speed_images))
     rows = []
     for name, spec in specs:
         say(f"speed: {name}")
         pipe = build_pipeline(spec)
+        pipe.scheduler = base = make_sampler("dpm", pipe.scheduler)  # the stock loop's scheduler
         row: dict[str, Any] = {
             "model": name, "spec": spec, "resolution": int(pipe.resolution),
             "latent": [int(pipe.unet.config.in_channels), int(pipe.unet.config.sample_size),
                        int(pipe.unet.config.sample_size)],
             "unet_params_m": params_m(pipe.unet), "vae_params_m": params_m(pipe.vae),
             "images": args.speed_images, "steps": args.speed_steps, "guidance": args.guidance_scale,
-            "times_s": {m: [] for m in methods},
+            "times_s": {m: [] for m in methods}, "cpu_times_s": {m: [] for m in methods},
+            "settings": {m: dict(zip(("sampler", "steps", "precision"),
+                                     ("dpm (stock loop)", args.speed_steps, "fp32") if m == "diffusers_loop"
+                                     else method_settings(m, args.speed_steps))) for m in methods},
         }
         for m in methods:  # warm-up (one-off allocations, oneDNN kernel selection)
-            run_method(pipe, m, prompts[:2], seeds[:2], 2, args.guidance_scale)
+            run_method(pipe, m, prompts[:2], seeds[:2], 2, args.guidance_scale, base)
         outputs: dict[str, np.ndarray] = {}
         for r in range(args.repeats):
             for m in methods:
-                t0 = time.perf_counter()
-                out = run_method(pipe, m, prompts, seeds, args.speed_steps, args.guidance_scale)
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = run_method(pipe, m, prompts, seeds, args.speed_steps, args.guidance_scale, base)
                 row["times_s"][m].append(time.perf_counter() - t0)
+                row["cpu_times_s"][m].append(time.process_time() - c0)
                 outputs.setdefault(m, out)
             say(f"  round {r + 1}/{args.repeats}: " + ", ".join(
-                f"{m} {row['times_s'][m][-1]:.2f}s" for m in methods))
+                f"{m} {row['times_s'][m][-1]:.2f}s (CPU {row['cpu_times_s'][m][-1]:.2f}s)" for m in methods))
         row["images_per_s"] = {m: args.speed_images / statistics.median(v) for m, v in row["times_s"].items()}
-        row["ratio_radsynth_over_diffusers"] = row["images_per_s"]["radsynth"] / row["images_per_s"]["diffusers_loop"]
-        row["max_abs_diff_radsynth_vs_diffusers"] = float(np.max(np.abs(outputs["radsynth"] - outputs["diffusers_loop"])))
+        # Images per CPU-second of this process: on a shared machine (other jobs taking cores) far
+        # steadier than wall-clock rates; equal to them when the threads have their cores to themselves.
+        row["images_per_cpu_s"] = {m: args.speed_images / statistics.median(v)
+                                   for m, v in row["cpu_times_s"].items()}
+        loop = row["images_per_s"]["diffusers_loop"]
+        row["ratio_over_diffusers_loop"] = {m: v / loop for m, v in row["images_per_s"].items()}
+        loop_cpu = row["images_per_cpu_s"]["diffusers_loop"]
+        row["cpu_ratio_over_diffusers_loop"] = {m: v / loop_cpu for m, v in row["images_per_cpu_s"].items()}
+        row["max_abs_diff_radsynth_fp32_vs_diffusers"] = float(
+            np.max(np.abs(outputs["radsynth_fp32"] - outputs["diffusers_loop"])))
+        row["mean_abs_diff_default_same_steps_vs_fp32"] = float(
+            np.mean(np.abs(outputs["radsynth_default_same_steps"] - outputs["radsynth_fp32"])))
         row["image_stats"] = {m: {"mean": float(o.mean()), "std": float(o.std())} for m, o in outputs.items()}
-        if "radsynth_bf16" in outputs:
-            row["bf16_speedup"] = row["images_per_s"]["radsynth_bf16"] / row["images_per_s"]["radsynth"]
-            row["bf16_mean_abs_diff_vs_fp32"] = float(np.mean(np.abs(outputs["radsynth_bf16"] - outputs["radsynth"])))
         del pipe
         if not args.no_memory:
             row["memory"] = {}
@@ -271,7 +311,7 @@ def speed_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ (b) quality
-def generate(pipe: Any, n: int, steps: int, guidance: float, bf16: bool, batch_size: int,
+def generate(pipe: Any, n: int, steps: int, guidance: float, precision: str, batch_size: int,
              seed: int, label: str) -> tuple[np.ndarray, np.ndarray, float]:
     """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``)."""
     prompts, labels = prompts_and_labels(n)
@@ -279,7 +319,7 @@ def generate(pipe: Any, n: int, steps: int, guidance: float, bf16: bool, batch_s
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         out.append(pipe(prompts[i : i + batch_size], seeds=list(range(seed + i, seed + min(n, i + batch_size))),
-                        num_inference_steps=steps, guidance_scale=guidance, autocast_bf16=bf16).images)
+                        num_inference_steps=steps, guidance_scale=guidance, precision=precision).images)
         say(f"  {label}: {min(n, i + batch_size)}/{n} images ({time.perf_counter() - t0:.0f} s)")
     return np.concatenate(out), labels, time.perf_counter() - t0
 
@@ -305,7 +345,6 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     from generator.evaluation import frechet_distance, roc_auc, synthetic_to_real_auc, train_classifier
     from generator.data import load_dataset
     from generator.models.model_folder import load_pipeline
-    from generator.models.samplers import make_sampler
 
     pipe, info = load_pipeline(args.model, device="cpu", half=False)
     res = int(info.resolution)
@@ -338,26 +377,40 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     say("  real-vs-real reference: " + ", ".join(f"N={n}: FD {reference[str(n)]['fd_mean']:.4f}" for n in sizes))
 
     base_sched = pipe.scheduler
+    reference_images = None
+    if args.accuracy_images:
+        # Solver accuracy: the same prompts and seeds solved finely (DPM-Solver++, float32); each row's
+        # first images are compared with these. Independent of how well the model is trained.
+        k = min(args.accuracy_images, n_main)
+        pipe.scheduler = make_sampler("dpm", base_sched)
+        say(f"quality: reference solutions (dpm, {args.reference_steps} steps, fp32) for {k} images")
+        reference_images, _, _ = generate(pipe, k, args.reference_steps, args.guidance_scale, "fp32",
+                                          args.batch_size, args.seed, "reference")
+    g0 = args.guidance_scale
     configs: list[dict[str, Any]] = [
-        {"sampler": "dpm", "steps": s, "guidance": args.guidance_scale, "bf16": False, "n": n_main}
-        for s in args.dpm_steps
+        {"sampler": "dpm", "steps": s, "guidance": g0, "precision": "fp32", "n": n_main} for s in args.dpm_steps
     ]
     if bf16_supported() and not args.no_bf16 and args.bf16_steps in args.dpm_steps:
-        configs.append({"sampler": "dpm", "steps": args.bf16_steps, "guidance": args.guidance_scale,
-                        "bf16": True, "n": n_main})
+        configs.append({"sampler": "dpm", "steps": args.bf16_steps, "guidance": g0, "precision": "bf16",
+                        "n": n_main})
+    for name, steps, precision in args.samplers:
+        configs.append({"sampler": name, "steps": steps, "guidance": g0,
+                        "precision": pipe.resolve_precision(precision), "n": n_main,
+                        "default": name == DEFAULT_SAMPLER and steps == DEFAULT_STEPS and precision == "auto"})
     if not args.no_ddpm:
-        configs.append({"sampler": "ddpm", "steps": args.ddpm_steps, "guidance": args.guidance_scale,
-                        "bf16": False, "n": n_ddpm})
+        configs.append({"sampler": "ddpm", "steps": args.ddpm_steps, "guidance": g0, "precision": "fp32",
+                        "n": n_ddpm})
     for g in args.guidance_sweep:
-        if g != args.guidance_scale:
-            configs.append({"sampler": "dpm", "steps": args.sweep_steps, "guidance": g, "bf16": False,
+        if g != g0:
+            configs.append({"sampler": "dpm", "steps": args.sweep_steps, "guidance": g, "precision": "fp32",
                             "n": n_main, "sweep": True})
     rows = []
     for c in configs:
-        tag = f"{c['sampler']}{c['steps']}_g{c['guidance']:g}{'_bf16' if c['bf16'] else ''}"
+        c["bf16"] = c["precision"] == "bf16"
+        tag = f"{c['sampler']}{c['steps']}_g{c['guidance']:g}_{c['precision']}"
         pipe.scheduler = make_sampler(c["sampler"], base_sched)
         say(f"quality: {tag} ({c['n']} images)")
-        syn, labels, secs = generate(pipe, c["n"], c["steps"], c["guidance"], c["bf16"], args.batch_size,
+        syn, labels, secs = generate(pipe, c["n"], c["steps"], c["guidance"], c["precision"], args.batch_size,
                                      args.seed, tag)
         fs = clf.features(syn)
         row = {**c, "tag": tag, "seconds": secs, "images_per_s": c["n"] / secs,
@@ -365,6 +418,8 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
                "auc_syn_to_real": synthetic_to_real_auc(syn, labels, xv, yv, seed=args.seed, **clf_kw),
                "auc_real_clf_on_syn": roc_auc(labels, clf.predict_proba(syn)),
                "pixel_mean": float(syn.mean()), "pixel_std": float(syn.std())}
+        if reference_images is not None:
+            row["mae_vs_reference"] = float(np.mean(np.abs(syn[: len(reference_images)] - reference_images)))
         contact_sheet(syn, labels, args.out / f"samples_{tag}.png")
         say(f"  FD {row['fd']}, syn->real AUC {row['auc_syn_to_real']:.3f}, "
             f"real clf on syn AUC {row['auc_real_clf_on_syn']:.3f}")
@@ -384,34 +439,34 @@ def markdown(res: dict[str, Any]) -> str:
     out = [f"### Sampling benchmark ({res['threads']} torch threads, {res['platform']['cpu_capability']})", ""]
     if res.get("speed"):
         out += [
-            f"Speed: {res['speed'][0]['images']} images per call (class-balanced prompts), DPM-Solver++ "
-            f"{res['speed'][0]['steps']} steps, guidance {res['speed'][0]['guidance']:g}, median of "
-            f"{res['repeats']} alternating rounds. `diffusers loop` = the stock loop over the same components.",
+            f"Speed: {res['speed'][0]['images']} images per call (class-balanced prompts), guidance "
+            f"{res['speed'][0]['guidance']:g}, median of {res['repeats']} alternating rounds. `diffusers_loop` = "
+            f"the stock loop over the same components (DPM-Solver++ {res['speed'][0]['steps']} steps, fp32). "
+            f"images/CPU-s: images per CPU-second of the process (steadier than wall-clock on a shared machine).",
             "",
-            "| model | UNet M params | latent | method | images/s | peak RSS MiB (process) | "
-            "RSS increase while sampling MiB | vs diffusers loop |",
-            "|---|---:|---|---|---:|---:|---:|---:|",
+            "| model | UNet M params | latent | method | sampler | steps | precision | images/s | "
+            "vs diffusers loop | images/CPU-s | vs diffusers loop (CPU time) | "
+            "peak RSS MiB (process) | RSS increase while sampling MiB |",
+            "|---|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res["speed"]:
             for m, ips in r["images_per_s"].items():
                 probe = r.get("memory", {}).get(m, {})
                 mem, inc = probe.get("peak_rss_mib"), probe.get("sampling_increment_mib")
-                ratio = ips / r["images_per_s"]["diffusers_loop"]
+                st = r["settings"][m]
                 out.append(f"| {r['model']} ({r['resolution']} px) | {r['unet_params_m']:.1f} | "
-                           f"{'x'.join(map(str, r['latent']))} | {m} | {ips:.2f} | "
-                           f"{'-' if mem is None else f'{mem:.0f}'} | {'-' if inc is None else f'{inc:.0f}'} | "
-                           f"{ratio:.2f}x |")
-        out += ["", "| model | max abs diff RadSynth vs diffusers loop | bf16 speed-up | bf16 mean abs diff vs fp32 | "
-                "pixel mean/std fp32 | pixel mean/std bf16 |", "|---|---:|---:|---:|---|---|"]
+                           f"{'x'.join(map(str, r['latent']))} | {m} | {st['sampler']} | {st['steps']} | "
+                           f"{st['precision']} | {ips:.2f} | {r['ratio_over_diffusers_loop'][m]:.2f}x | "
+                           f"{r['images_per_cpu_s'][m]:.2f} | {r['cpu_ratio_over_diffusers_loop'][m]:.2f}x | "
+                           f"{'-' if mem is None else f'{mem:.0f}'} | {'-' if inc is None else f'{inc:.0f}'} |")
+        out += ["", "| model | max abs diff radsynth_fp32 vs diffusers loop | mean abs diff default (same steps) "
+                "vs fp32 | pixel mean/std per method |", "|---|---:|---:|---|"]
         for r in res["speed"]:
             st = r["image_stats"]
-            bf = st.get("radsynth_bf16")
-            bf_txt = "-" if bf is None else f"{bf['mean']:.3f}/{bf['std']:.3f}"
             out.append(
-                f"| {r['model']} | {r['max_abs_diff_radsynth_vs_diffusers']:.2e} | "
-                f"{r.get('bf16_speedup', float('nan')):.2f}x | {r.get('bf16_mean_abs_diff_vs_fp32', float('nan')):.4f} | "
-                f"{st['radsynth']['mean']:.3f}/{st['radsynth']['std']:.3f} | "
-                f"{bf_txt} |")
+                f"| {r['model']} | {r['max_abs_diff_radsynth_fp32_vs_diffusers']:.2e} | "
+                f"{r['mean_abs_diff_default_same_steps_vs_fp32']:.4f} | "
+                + ", ".join(f"{m} {v['mean']:.3f}/{v['std']:.3f}" for m, v in st.items()) + " |")
         out.append("")
     q = res.get("quality")
     if q:
@@ -423,26 +478,28 @@ def markdown(res: dict[str, Any]) -> str:
             f"val of a classifier trained on the samples (syn->real), and of the real-trained "
             f"classifier scoring the samples against their prompt labels.",
             "",
-            "| images | sampler | steps | guidance | " + " | ".join(f"FD (N={n})" for n in sizes)
-            + " | syn->real AUC | real clf on syn AUC | images/s | pixel mean/std |",
-            "|---|---|---:|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---|",
+            "| images | sampler | steps | guidance | precision | " + " | ".join(f"FD (N={n})" for n in sizes)
+            + " | syn->real AUC | real clf on syn AUC | images/s | pixel mean/std | MAE vs reference solution |",
+            "|---|---|---:|---:|---|" + "---:|" * len(sizes) + "---:|---:|---:|---|---:|",
         ]
         for n in sizes:
             ref = q["reference"][str(n)]
             out.append(
-                f"| real train subset (N={n}) | - | - | - | "
+                f"| real train subset (N={n}) | - | - | - | - | "
                 + " | ".join(f"{ref['fd_mean']:.4f} ± {ref['fd_sd']:.4f}" if m == n else "" for m in sizes)
-                + f" | {ref['auc_real_to_real_same_n']:.3f} (real->real) | - | - | - |")
-        out.append(f"| real train (all {q['num_train']}) | - | - | - | " + " | ".join("" for _ in sizes)
+                + f" | {ref['auc_real_to_real_same_n']:.3f} (real->real) | - | - | - | - |")
+        out.append(f"| real train (all {q['num_train']}) | - | - | - | - | " + " | ".join("" for _ in sizes)
                    + f" | {q['auc_real_to_real']:.3f} (real->real) | - | - | "
-                   f"{q['real_pixel_mean']:.3f}/{q['real_pixel_std']:.3f} |")
+                   f"{q['real_pixel_mean']:.3f}/{q['real_pixel_std']:.3f} | - |")
         for r in q["rows"]:
-            name = {"dpm": "DPM-Solver++", "ddpm": "DDPM"}[r["sampler"]] + (" bf16" if r["bf16"] else "")
+            name = r["sampler"] + (" (RadSynth default)" if r.get("default") else "")
+            precision = r.get("precision", "bf16" if r.get("bf16") else "fp32")
             out.append(
-                f"| synthetic (N={r['n']}) | {name} | {r['steps']} | {r['guidance']:g} | "
+                f"| synthetic (N={r['n']}) | {name} | {r['steps']} | {r['guidance']:g} | {precision} | "
                 + " | ".join(f"{r['fd'][str(n)]:.4f}" if str(n) in r["fd"] else "-" for n in sizes)
                 + f" | {r['auc_syn_to_real']:.3f} | {r['auc_real_clf_on_syn']:.3f} | {r['images_per_s']:.2f} | "
-                f"{r['pixel_mean']:.3f}/{r['pixel_std']:.3f} |")
+                f"{r['pixel_mean']:.3f}/{r['pixel_std']:.3f} | "
+                + (f"{r['mae_vs_reference']:.4f}" if "mae_vs_reference" in r else "-") + " |")
         out.append("")
     return "\n".join(out) + "\n"
 
@@ -453,6 +510,27 @@ def _ints(text: str) -> list[int]:
 
 def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _sampler_specs(text: str) -> list[tuple[str, int, str]]:
+    """``"dpm++2m-karras:10,unipc:10:fp32"`` -> ``[("dpm++2m-karras", 10, "auto"), ("unipc", 10, "fp32")]``."""
+    from generator._utils import look_up_option
+    from generator.models.samplers import Sampler
+
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
+            raise argparse.ArgumentTypeError(f"--samplers items are NAME:STEPS[:PRECISION], got {item!r}")
+        try:
+            name = str(look_up_option(parts[0], list(Sampler), name="sampler"))
+            precision = str(look_up_option(parts[2] if len(parts) == 3 else "auto", PRECISIONS, name="precision"))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        out.append((name, int(parts[1]), precision))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -479,13 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--speed-latent", type=int, default=16, help="latent side of the random models (default 16)")
     g.add_argument("--repeats", type=int, default=3, help="alternating timing rounds (default 3)")
     g.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
-    g.add_argument("--no-bf16", action="store_true", help="skip bfloat16 autocast measurements")
+    g.add_argument("--no-bf16", action="store_true", help="skip the DPM-Solver++ bfloat16 quality row")
     q = p.add_argument_group("quality")
     q.add_argument("--skip-quality", action="store_true")
     q.add_argument("--images", type=int, default=270, help="samples per DPM-Solver++ setting (even; default 270)")
     q.add_argument("--dpm-steps", type=_ints, default=[10, 20, 50], metavar="S1,S2,...",
                    help="DPM-Solver++ step counts (default 10,20,50)")
     q.add_argument("--bf16-steps", type=int, default=20, help="DPM step count also scored under bf16 (default 20)")
+    q.add_argument("--samplers", type=_sampler_specs, default=[(str(DEFAULT_SAMPLER), DEFAULT_STEPS, "auto")],
+                   metavar="NAME:STEPS[:PRECISION],...",
+                   help=f"more rows: sampler, steps, precision (default auto); default: RadSynth's defaults "
+                        f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}:auto; '' for none")
+    q.add_argument("--accuracy-images", type=int, default=0, metavar="K",
+                   help="also solve the first K images with DPM-Solver++ at --reference-steps in float32 and "
+                        "report each row's mean abs pixel difference to them (solver accuracy; default 0: off)")
+    q.add_argument("--reference-steps", type=int, default=100, help="steps of the reference solutions (default 100)")
     q.add_argument("--no-ddpm", action="store_true", help="skip the DDPM row")
     q.add_argument("--ddpm-steps", type=int, default=1000)
     q.add_argument("--ddpm-images", type=int, default=64, help="samples for DDPM (even; default 64)")

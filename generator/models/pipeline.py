@@ -5,24 +5,77 @@
 ``save_pretrained`` work on RadSynth model folders and on any Stable-Diffusion-layout checkpoint (a
 3-channel VAE's output is converted to grayscale).
 
-Reproducibility: every image has its own seed. The initial latent of image ``i`` is drawn from
-``torch.Generator().manual_seed(seeds[i])`` on the CPU, and the samplers offered are deterministic, so
-an image does not depend on the batch it was made in or on the device's random generator.
+Reproducibility: every image has its own seed. The initial noise of image ``i`` is drawn from
+``torch.Generator().manual_seed(seeds[i])`` on the CPU (:meth:`RadSynthPipeline.make_noise`; it depends
+on the seed only, not on the prompt, the batch or the device's random generator), and the samplers
+offered are deterministic (DDPM's step noise also comes from the image's generator). In float32 an
+image does not depend on the batch it was made in. In bfloat16 (``precision="auto"`` on AMX CPUs) the
+UNet runs with bfloat16 weights; images differ from float32 by ~0.001 on average (up to about two
+8-bit grey levels) and were batch-size invariant in our tests, but kernels are chosen by shape, so
+record the resolved precision (:attr:`RadSynthPipelineOutput.precision`) to regenerate identical pixels.
+
+Speed: each distinct prompt is encoded once per pipeline (cached across calls), classifier-free
+guidance runs the conditional and unconditional halves in one UNet call, the bfloat16 UNet copy is made
+once, and the VAE decodes the whole batch in one call.
+
+Image-to-image (SDEdit) and region editing (RePaint-style latent blending) share the text-to-image loop:
+``image`` with ``strength < 1`` starts the sampler part-way from the re-noised image, and ``keep_mask``
+pins the kept region to the re-noised original after every step.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conditioning.text_encoder import encode_prompts
+from generator._utils import look_up_option
+
+__all__ = ["PRECISIONS", "Precision", "RadSynthPipeline", "RadSynthPipelineOutput", "cpu_has_bf16"]
+
+#: Numeric precision of the UNet forward: ``"auto"`` resolves to one of the others per device.
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: Text states kept per pipeline (prompt strings -> ``(L, D)`` hidden states).
+_PROMPT_CACHE_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AMX-BF16 or AVX-512-BF16).
+
+    Reads the ``flags`` of ``/proc/cpuinfo`` (Linux); elsewhere falls back to torch's CPU capability
+    (``"AVX512"`` or better).
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"amx_bf16", "avx512_bf16"})
+    try:
+        return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
+    except Exception:  # noqa: BLE001 - old torch without get_cpu_capability
+        return False
 
 
 @dataclass
@@ -32,12 +85,15 @@ class RadSynthPipelineOutput(BaseOutput):
     Attributes:
         images: ``(B, H, W)`` float32 numpy array in ``[0, 1]`` (0 = black), or a list of ``PIL``
             images (mode ``"L"``) with ``output_type="pil"``, or a ``(B, 1, H, W)`` tensor with
-            ``output_type="pt"``.
+            ``output_type="pt"``, or ``(B, C, h, w)`` latents with ``output_type="latent"``.
         seeds: The seed of each image.
+        precision: The precision the UNet ran in (``"fp32"``, ``"bf16"`` or ``"fp16"``; ``"auto"``
+            resolved). Pass it back as ``precision=`` to regenerate the same pixels.
     """
 
     images: np.ndarray | list | torch.Tensor
     seeds: list[int]
+    precision: str = "fp32"
 
 
 class RadSynthPipeline(DiffusionPipeline):
@@ -49,7 +105,7 @@ class RadSynthPipeline(DiffusionPipeline):
         unet: ``UNet2DConditionModel`` denoiser over the VAE's latents.
         text_encoder: Frozen ``transformers`` text encoder (its ``last_hidden_state`` conditions the UNet).
         tokenizer: The encoder's tokenizer.
-        scheduler: A diffusers scheduler (DPM-Solver++, DDIM, Euler, DDPM).
+        scheduler: A diffusers scheduler (see :func:`generator.models.samplers.make_sampler`).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
@@ -66,13 +122,45 @@ class RadSynthPipeline(DiffusionPipeline):
         self.register_modules(
             vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
         )
+        self._prompt_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._unet_copies: dict[torch.dtype, tuple[tuple, UNet2DConditionModel]] = {}
 
+    # ------------------------------------------------------------------------------ properties
     @property
     def resolution(self) -> int:
         """Side of the images this pipeline makes, in pixels."""
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        return int(self.unet.config.sample_size) * factor
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along a side (``2 ** (len(vae.block_out_channels) - 1)``)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def resolve_precision(self, precision: str = "auto") -> str:
+        """The concrete precision ``precision`` means on this pipeline's device.
+
+        ``"auto"``: ``"fp16"`` when the UNet's weights are float16; on CUDA ``"bf16"`` if the GPU
+        supports it; on a CPU with AMX-BF16/AVX-512-BF16 (:func:`cpu_has_bf16`) ``"bf16"``; otherwise
+        ``"fp32"``.
+
+        Raises:
+            ValueError: unknown ``precision``, or ``"fp16"`` on a CPU.
+        """
+        precision = look_up_option(precision, PRECISIONS, name="precision")
+        device = self._execution_device
+        if precision == "auto":
+            if self.unet.dtype == torch.float16:
+                return "fp16"
+            if device.type == "cuda":
+                return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+            if device.type == "cpu":
+                return "bf16" if cpu_has_bf16() else "fp32"
+            return "fp32"
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("precision='fp16' needs a CUDA or MPS device; use 'bf16' or 'fp32' on a CPU")
+        return precision
+
+    # ------------------------------------------------------------------------------ checks
     def check_inputs(
         self,
         prompt: Sequence[str],
@@ -80,6 +168,7 @@ class RadSynthPipeline(DiffusionPipeline):
         num_inference_steps: int,
         guidance_scale: float,
         seeds: Sequence[int],
+        strength: float = 1.0,
     ) -> None:
         """Raise ``ValueError`` naming the argument for any invalid input."""
         if len(prompt) == 0:
@@ -97,30 +186,114 @@ class RadSynthPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if len(seeds) != len(prompt):
             raise ValueError(f"seeds has {len(seeds)} entries but prompt has {len(prompt)}")
+        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0.0 <= strength <= 1.0):
+            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
 
+    def _pixel_batch(self, value: np.ndarray | torch.Tensor, batch: int, name: str) -> torch.Tensor:
+        """``(B, H, W)`` or ``(H, W)`` array in ``[0, 1]`` -> ``(B, 1, H, W)`` float32 CPU tensor."""
+        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        t = t.detach().to("cpu", torch.float32)
+        given = tuple(t.shape)
+        res = self.resolution
+        if t.ndim == 2:
+            t = t.unsqueeze(0).expand(batch, -1, -1)
+        if t.ndim != 3 or tuple(t.shape) != (batch, res, res):
+            raise ValueError(
+                f"{name} must have shape ({batch}, {res}, {res}) (one {res}x{res} image per prompt) or "
+                f"({res}, {res}), got {given}"
+            )
+        if not torch.isfinite(t).all() or t.min() < 0.0 or t.max() > 1.0:
+            raise ValueError(
+                f"{name} must hold finite values in [0, 1], got range "
+                f"[{float(t.min()):.4g}, {float(t.max()):.4g}]"
+            )
+        return t.unsqueeze(1).contiguous()
+
+    # ------------------------------------------------------------------------------ building blocks
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``(B, L, D)`` text hidden states on the UNet's device and dtype."""
-        return encode_prompts(
-            self.tokenizer,
-            self.text_encoder,
-            list(prompts),
-            device=self._execution_device,
-            dtype=self.unet.dtype,
-        )
+        """``(B, L, D)`` text hidden states on the UNet's device and dtype.
 
-    def prepare_latents(self, seeds: Sequence[int]) -> torch.Tensor:
-        """Initial noise ``(B, C, h, w)``, one CPU generator per seed, scaled for the scheduler."""
+        Each distinct prompt is encoded once and kept (up to 4096 prompts per pipeline), so repeated
+        prompts within a call and across calls cost nothing. :meth:`clear_prompt_cache` empties it.
+        """
+        device, dtype = self._execution_device, self.unet.dtype
+        tag = (id(self.text_encoder), id(self.tokenizer), str(device), dtype)
+        missing = list(dict.fromkeys(p for p in prompts if (tag, p) not in self._prompt_cache))
+        if missing:
+            states = encode_prompts(self.tokenizer, self.text_encoder, missing, device=device, dtype=dtype)
+            for p, s in zip(missing, states):
+                self._prompt_cache[(tag, p)] = s
+        out = []
+        for p in prompts:
+            self._prompt_cache.move_to_end((tag, p))
+            out.append(self._prompt_cache[(tag, p)])
+        while len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        return torch.stack(out)
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the text states kept by :meth:`encode_prompt` (e.g. after changing the encoder's
+        weights in place) and the reduced-precision UNet copies kept by :meth:`denoiser`."""
+        self._prompt_cache.clear()
+        self._unet_copies.clear()
+
+    def denoiser(self, precision: str) -> tuple[UNet2DConditionModel, torch.dtype, bool]:
+        """The UNet to run at a resolved ``precision``, its input dtype, and whether to autocast.
+
+        The UNet itself when its weights already have that dtype; otherwise a copy with weights cast
+        to it (bf16 weights run about 1.2x faster than autocast on AMX CPUs at the same error), made
+        once and kept until the UNet is replaced or its weights change in place (tensor versions are
+        checked). A UNet under accelerate offload hooks is not copied: it runs under autocast.
+        """
+        dtype = _DTYPES[precision]
+        unet = self.unet
+        if unet.dtype == dtype:
+            return unet, dtype, False
+        if hasattr(unet, "_hf_hook"):
+            return unet, unet.dtype, True
+        params = list(unet.parameters())
+        key = (id(unet), str(params[0].device), sum(int(p._version) for p in params))
+        cached = self._unet_copies.get(dtype)
+        if cached is None or cached[0] != key:
+            low = copy.deepcopy(unet)
+            torch.nn.Module.to(low, dtype=dtype)  # plain cast; diffusers' to() warns about keep-in-fp32 lists
+            low.eval().requires_grad_(False)
+            self._unet_copies[dtype] = cached = (key, low)
+        return cached[1], dtype, False
+
+    def make_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """The standard-normal starting noise of each seed: ``(B, C, h, w)`` float32 on the CPU.
+
+        Image ``i``'s noise comes from ``torch.Generator().manual_seed(seeds[i])`` alone, so the same
+        seed gives the same noise under any prompt, batch, device, ``image`` or ``strength``.
+        """
+        return self._draw_noise([torch.Generator().manual_seed(int(s)) for s in seeds])
+
+    def _draw_noise(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
         shape = (
             int(self.unet.config.in_channels),
             int(self.unet.config.sample_size),
             int(self.unet.config.sample_size),
         )
-        noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
-        )
-        noise = noise.to(device=self._execution_device, dtype=self.unet.dtype)
+        return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+    def prepare_latents(self, seeds: Sequence[int]) -> torch.Tensor:
+        """Text-to-image initial latents: :meth:`make_noise` scaled by the scheduler's
+        ``init_noise_sigma``, on the UNet's device and dtype, ``(B, C, h, w)``."""
+        noise = self.make_noise(seeds).to(device=self._execution_device, dtype=self.unet.dtype)
         return noise * self.scheduler.init_noise_sigma
 
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` images in ``[0, 1]`` -> ``(B, C, h, w)`` latents (VAE posterior mean times
+        ``scaling_factor``, the training convention), float32 on the execution device."""
+        x = images.to(device=self._execution_device, dtype=self.vae.dtype) * 2.0 - 1.0
+        if int(self.vae.config.in_channels) == 3:
+            x = x.expand(-1, 3, -1, -1)
+        mean = self.vae.encode(x).latent_dist.mean
+        return mean.float() * float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> ``(B, 1, H, W)`` float32 images in ``[0, 1]`` (RGB VAEs averaged to gray)."""
         scaled = latents / self.vae.config.scaling_factor
@@ -129,6 +302,21 @@ class RadSynthPipeline(DiffusionPipeline):
             decoded = decoded.mean(dim=1, keepdim=True)
         return ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def get_timesteps(self, num_inference_steps: int, strength: float) -> tuple[torch.Tensor, int]:
+        """Set the scheduler's timesteps and return the ones to run and the index they start at.
+
+        ``int(num_inference_steps * strength)`` steps are run (all of them at ``strength=1``, none at
+        ``strength=0``); the scheduler's ``begin_index`` is set so ``add_noise`` matches the start.
+        """
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        run = min(int(num_inference_steps * strength), num_inference_steps)
+        order = int(getattr(self.scheduler, "order", 1))
+        t_start = (num_inference_steps - run) * order
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(t_start)
+        return self.scheduler.timesteps[t_start:], t_start
+
+    # ------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def __call__(
         self,
@@ -138,35 +326,71 @@ class RadSynthPipeline(DiffusionPipeline):
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 2.0,
+        image: np.ndarray | torch.Tensor | None = None,
+        strength: float = 1.0,
+        keep_mask: np.ndarray | torch.Tensor | None = None,
+        precision: Precision = "auto",
         output_type: str = "np",
-        autocast_bf16: bool = False,
+        autocast_bf16: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
         return_dict: bool = True,
     ) -> RadSynthPipelineOutput | tuple:
-        """Generate one image per prompt.
+        """Generate one image per prompt, from noise or from a starting ``image``.
 
         Args:
             prompt: One prompt or a list (one image each).
-            seeds: One seed per image (default ``0..B-1``).
+            seeds: One seed per image (default ``0..B-1``); the starting noise depends on it alone.
             negative_prompt: Prompt(s) to steer away from; default the null prompt ``""``.
-            num_inference_steps: Sampler steps.
+            num_inference_steps: Sampler steps of a full (``strength=1``) run.
             guidance_scale: Classifier-free guidance weight (1 = no guidance, 0 = unconditional).
-            output_type: ``"np"`` (``(B, H, W)`` float32 in ``[0, 1]``), ``"pil"`` or ``"pt"``.
-            autocast_bf16: Run the UNet under ``torch.autocast(dtype=torch.bfloat16)`` (CPU with
-                AMX/AVX-512 or CUDA); the VAE decode stays in float32.
-            callback: Called as ``callback(step_index, num_steps)`` after each step.
-            return_dict: Return a :class:`RadSynthPipelineOutput` (else a tuple).
+            image: Starting images for image-to-image, ``(B, H, W)`` (or one ``(H, W)`` for all)
+                float in ``[0, 1]`` at the model's :attr:`resolution`. Encoded with the VAE (posterior
+                mean times ``scaling_factor``).
+            strength: How much of ``image`` to redo (SDEdit): the encoded image is noised with the
+                seed's noise to the sampler's timestep at ``strength`` and the last
+                ``int(num_inference_steps * strength)`` steps run under the prompt. ``1`` ignores the
+                image's content (exactly text-to-image with the same seed); ``0`` runs no step and
+                returns the VAE reconstruction of ``image``. Values below 1 need ``image``.
+            keep_mask: Region to keep, ``(B, H, W)`` (or ``(H, W)``) in ``[0, 1]``, 1 = keep the
+                original (needs ``image``). After every step the latent outside the editable region is
+                replaced by the original's latent re-noised to that step (same seed noise; RePaint-style
+                blending without resampling jumps), the mask averaged down to latent size; the last
+                step blends in the clean latent. Kept pixels are the VAE reconstruction of ``image``
+                (paste ``image`` back yourself for exact pixels).
+            precision: UNet arithmetic: ``"auto"`` (bf16 autocast where the hardware has it, see
+                :meth:`resolve_precision`), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA/MPS) autocast.
+                The VAE and the sampler's arithmetic stay float32.
+            output_type: ``"np"`` (``(B, H, W)`` float32 in ``[0, 1]``), ``"pil"``, ``"pt"``
+                (``(B, 1, H, W)`` tensor) or ``"latent"`` (the undecoded ``(B, C, h, w)`` float32
+                latents, scaled like :meth:`encode_images`' output).
+            autocast_bf16: Deprecated switch kept for callers of older versions: ``True`` means
+                ``precision="bf16"``, ``False`` means ``precision="fp32"``; ``None`` (default) defers
+                to ``precision``.
+            callback: Called as ``callback(step_index, num_steps_run)`` after each step.
+            return_dict: Return a :class:`RadSynthPipelineOutput` (else ``(images, seeds)``).
+
+        Raises:
+            ValueError: an invalid argument (named in the message).
         """
         # 1. Check inputs.
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         seeds = list(range(len(prompts))) if seeds is None else [int(s) for s in seeds]
         if isinstance(negative_prompt, str):
             negative_prompt = [negative_prompt] * len(prompts)
-        self.check_inputs(prompts, negative_prompt, num_inference_steps, guidance_scale, seeds)
-        if output_type not in ("np", "pil", "pt"):
-            raise ValueError(f"output_type must be 'np', 'pil' or 'pt', got {output_type!r}")
+        self.check_inputs(prompts, negative_prompt, num_inference_steps, guidance_scale, seeds, strength)
+        if output_type not in ("np", "pil", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pil', 'pt' or 'latent', got {output_type!r}")
+        if autocast_bf16 is not None:
+            precision = "bf16" if autocast_bf16 else "fp32"
+        precision = self.resolve_precision(precision)
+        if image is None and strength < 1.0:
+            raise ValueError(f"strength={strength} needs an image (strength < 1 edits a starting image)")
+        if image is None and keep_mask is not None:
+            raise ValueError("keep_mask needs an image (the original to keep)")
+        pixels = None if image is None else self._pixel_batch(image, len(prompts), "image")
+        mask = None if keep_mask is None else self._pixel_batch(keep_mask, len(prompts), "keep_mask")
 
-        # 2. Encode the prompts (and the negative/null prompts for guidance).
+        # 2. Encode the prompts (and the negative/null prompts for guidance), each distinct one once.
         cond = self.encode_prompt(prompts)
         use_cfg = guidance_scale != 1.0
         if use_cfg:
@@ -175,34 +399,63 @@ class RadSynthPipeline(DiffusionPipeline):
         else:
             context = cond
 
-        # 3. Timesteps.
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        timesteps = self.scheduler.timesteps
+        # 3. Timesteps (the last int(steps * strength) of the schedule).
+        timesteps, _ = self.get_timesteps(num_inference_steps, strength)
 
-        # 4. Initial latents, one generator per image.
-        latents = self.prepare_latents(seeds)
+        # 4. Initial latents: the seed's noise; for strength < 1 the encoded image noised to timesteps[0].
+        device, dtype = self._execution_device, torch.float32  # sampler arithmetic in float32
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = self._draw_noise(generators).to(device=device, dtype=torch.float32)
+        init_latents = None if pixels is None else self.encode_images(pixels)
+        if strength >= 1.0 or init_latents is None:
+            latents = (noise * self.scheduler.init_noise_sigma).to(dtype)
+        elif len(timesteps) == 0:
+            latents = init_latents.to(dtype)
+        else:
+            latents = self.scheduler.add_noise(init_latents, noise, timesteps[:1]).to(dtype)
 
-        # 5. Denoise with classifier-free guidance.
-        device_type = self._execution_device.type
+        # 5. Keep-mask at latent size: (B, 1, h, w) in [0, 1], 1 = keep the original.
+        latent_mask = None
+        if mask is not None:
+            size = tuple(latents.shape[-2:])
+            latent_mask = F.interpolate(mask, size=size, mode="area").to(device=device, dtype=dtype)
+
+        # 6. Denoise with classifier-free guidance (cond and uncond in one UNet call). Stochastic
+        #    samplers (DDPM) draw each image's step noise from its own generator, after its initial noise.
+        stochastic = "generator" in inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {"generator": generators} if stochastic else {}
+        unet, run_dtype, use_autocast = self.denoiser(precision)
+        autocast = torch.autocast(
+            device.type, dtype=_DTYPES[precision], enabled=use_autocast and precision != "fp32"
+        )
+        context = context.to(run_dtype)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([latents] * 2) if use_cfg else latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast_bf16):
-                pred = self.unet(model_in, t, encoder_hidden_states=context).sample
-            pred = pred.to(latents.dtype)
+            model_in = self.scheduler.scale_model_input(model_in, t).to(run_dtype)
+            with autocast:
+                pred = unet(model_in, t, encoder_hidden_states=context).sample
+            pred = pred.float()
             if use_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
-            latents = self.scheduler.step(pred, t, latents).prev_sample
+            latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
+            if latent_mask is not None:
+                if i + 1 < len(timesteps):
+                    known = self.scheduler.add_noise(init_latents, noise, timesteps[i + 1 : i + 2])
+                else:
+                    known = init_latents
+                latents = latent_mask * known.to(dtype) + (1.0 - latent_mask) * latents
             if callback is not None:
                 callback(i, len(timesteps))
 
-        # 6. Decode.
-        images = self.decode_latents(latents)
+        # 7. Decode (the whole batch in one VAE call, float32).
+        images = self.decode_latents(latents) if output_type != "latent" else latents
 
-        # 7. Post-process to the requested type.
-        if output_type == "pt":
-            out: np.ndarray | list | torch.Tensor = images.cpu()
+        # 8. Post-process to the requested type.
+        if output_type == "latent":
+            out: np.ndarray | list | torch.Tensor = latents.float().cpu()
+        elif output_type == "pt":
+            out = images.cpu()
         else:
             arr = images[:, 0].cpu().numpy().astype(np.float32)
             if output_type == "pil":
@@ -214,4 +467,4 @@ class RadSynthPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (out, seeds)
-        return RadSynthPipelineOutput(images=out, seeds=seeds)
+        return RadSynthPipelineOutput(images=out, seeds=seeds, precision=precision)

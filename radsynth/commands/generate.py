@@ -39,6 +39,8 @@ EPILOG = """examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth generate``."""
     from generator.generation import MAX_GUIDANCE, MAX_STEPS
+    from generator.models.pipeline import PRECISIONS
+    from generator.models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
     from radsynth._args import existing_dir, existing_file, float_in, int_in, new_file, seed
 
     p.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
@@ -47,11 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-images", type=int_in(1, 100_000), default=1, help="images per --prompt (default 1)")
     p.add_argument("--seed", type=seed, default=0, help="base seed; image i gets seed+i")
     p.add_argument("--output", default="synthetic", help="output folder (default ./synthetic)")
-    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=25, help="sampler steps (default 25)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=DEFAULT_STEPS,
+                   help=f"sampler steps (default {DEFAULT_STEPS})")
     p.add_argument("--guidance-scale", type=float_in(0.0, MAX_GUIDANCE), default=2.0, help="classifier-free guidance (default 2)")
-    p.add_argument("--sampler", default="dpm", help="dpm | ddim | euler | ddpm (default dpm)")
+    p.add_argument("--sampler", default=str(DEFAULT_SAMPLER),
+                   help=" | ".join(str(x) for x in Sampler) + f" (default {DEFAULT_SAMPLER})")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="images per pipeline call (default 8)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=16,
+                   help="images per pipeline call; does not change the pixels (default 16)")
     p.add_argument("--grid", type=new_file, default=None, metavar="FILE.png", help="write a captioned contact sheet")
     p.add_argument("--overwrite", action="store_true", help="replace another run's output")
     p.add_argument("--privacy-index", type=existing_dir, default=None, help="index from 'radsynth index': reject copies")
@@ -65,7 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-encoder", default=None, metavar="PATH_OR_ID",
                    help="text encoder to use instead of the model folder's own (its width must fit the UNet)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="cuda | mps | cpu (default: best available)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the UNet")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="UNet precision: auto = bfloat16 where the CPU (AMX/AVX-512-BF16) or GPU has it, else "
+                        "fp32 (default auto); fp32 opts out")
+    p.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="same as --precision bf16")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -148,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     gate = privacy_gate(args.privacy_index, info.resolution) if args.privacy_index else None
     settings = {
         "model": info.model_hash, "steps": args.steps, "guidance_scale": args.guidance_scale,
+        "precision": args.precision,
         "sampler": args.sampler, "negative_prompt": args.negative_prompt,
         "privacy_index": None if args.privacy_index is None else Path(args.privacy_index).name, "formats": sorted(set(args.format or ["png"])),
         "max_resample": args.max_resample,
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         negative_prompt=args.negative_prompt, batch_size=args.batch_size,
         gate=gate, max_resample=args.max_resample, on_image=hook,
         process_index=state.process_index, num_processes=state.num_processes,
-        autocast_bf16=args.bf16, progress=not args.quiet and state.is_main_process,
+        precision=args.precision, progress=not args.quiet and state.is_main_process,
     )
     state.wait_for_everyone()
     parts = [summary]

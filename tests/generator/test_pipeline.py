@@ -34,15 +34,91 @@ def test_same_seed_same_pixels_and_batch_invariance(pipe):
     assert np.abs(other[0] - a[1]).max() > 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["dpm", "ddim", "euler"])
-def test_samplers(pipe, sampler):
+#: name -> (scheduler class, options the name must set). Written out here, not read from samplers.py,
+#: so that a make_sampler that ignores its argument or drops an option fails.
+EXPECTED_SAMPLERS = {
+    "dpm": ("DPMSolverMultistepScheduler",
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False,
+             "timestep_spacing": "linspace"}),
+    "dpm++2m-karras": ("DPMSolverMultistepScheduler",
+                       {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler",
+              {"solver_order": 2, "solver_type": "bh2", "predict_x0": True, "use_karras_sigmas": False,
+               "timestep_spacing": "linspace"}),
+    "unipc-karras": ("UniPCMultistepScheduler", {"solver_order": 2, "use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False, "set_alpha_to_one": False, "timestep_spacing": "linspace"}),
+    "euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False, "timestep_spacing": "linspace"}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False, "variance_type": "fixed_small"}),
+}
+SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+
+def test_sampler_names_are_all_tested():
+    from generator.models.samplers import SAMPLERS, Sampler
+
+    assert sorted(map(str, Sampler)) == sorted(EXPECTED_SAMPLERS) == sorted(map(str, SAMPLERS))
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SAMPLERS))
+def test_sampler_class_and_config(pipe, name):
+    from generator.models.samplers import sampler_name
+
+    cls_name, options = EXPECTED_SAMPLERS[name]
+    sched = make_sampler(name, pipe.scheduler)
+    assert type(sched).__name__ == cls_name
+    assert {k: sched.config[k] for k in options} == options
+    assert {k: sched.config[k] for k in SCHEDULE} == SCHEDULE  # the model's noise schedule is kept
+    assert sampler_name(sched) == name
+    # The name alone decides: built from any other sampler, the config is the same.
+    for other in EXPECTED_SAMPLERS:
+        again = make_sampler(name, make_sampler(other, pipe.scheduler))
+        assert type(again) is type(sched) and dict(again.config) == dict(sched.config), other
+
+
+def test_karras_sigmas_change_the_timesteps(pipe):
+    plain, karras = make_sampler("dpm", pipe.scheduler), make_sampler("dpm++2m-karras", pipe.scheduler)
+    plain.set_timesteps(10)
+    karras.set_timesteps(10)
+    assert len(plain.timesteps) == len(karras.timesteps) == 10
+    assert int(plain.timesteps[0]) == int(karras.timesteps[0]) == 999  # both start from pure noise
+    # Karras spends more steps at low noise: its last steps reach far smaller noise levels.
+    assert int(karras.timesteps[-1]) < int(plain.timesteps[-1]) and int(karras.timesteps[-3]) < int(plain.timesteps[-3])
+    assert float(karras.sigmas[-2]) < 0.2 * float(plain.sigmas[-2])
+
+
+@pytest.fixture(scope="module")
+def sampler_images(pipe):
+    """name -> two runs of the same (prompts, seeds) at 4 steps in float32, and one image alone."""
     old = pipe.scheduler
-    pipe.scheduler = make_sampler(sampler, old)
+    out = {}
     try:
-        img = pipe(["bright square"], seeds=[0], num_inference_steps=3).images
-        assert img.shape == (1, 16, 16) and np.isfinite(img).all()
+        for name in EXPECTED_SAMPLERS:
+            pipe.scheduler = make_sampler(name, old)
+            kw = {"num_inference_steps": 4, "precision": "fp32"}
+            a = pipe(["bright square", "dark field"], seeds=[0, 1], **kw).images
+            b = pipe(["bright square", "dark field"], seeds=[0, 1], **kw).images
+            alone = pipe(["dark field"], seeds=[1], **kw).images
+            out[name] = (a, b, alone)
     finally:
         pipe.scheduler = old
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SAMPLERS))
+def test_sampler_deterministic_and_batch_invariant(sampler_images, name):
+    a, b, alone = sampler_images[name]
+    assert a.shape == (2, 16, 16) and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(alone[0], a[1], atol=1e-5)  # also DDPM: per-image step noise
+
+
+def test_samplers_give_different_pixels(sampler_images):
+    names = sorted(sampler_images)
+    for i, m in enumerate(names):
+        for n in names[i + 1 :]:
+            diff = np.abs(sampler_images[m][0] - sampler_images[n][0]).max()
+            assert diff > 1e-4, (m, n, diff)
 
 
 def test_save_load_same_output(pipe, tmp_path):
