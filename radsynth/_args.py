@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["int_in", "float_in", "seed", "existing_dir", "existing_file", "existing_path", "new_file", "MAX_SEED"]
+__all__ = ["int_in", "float_in", "seed", "existing_dir", "existing_file", "existing_path", "new_file", "parse_label_text", "MAX_SEED"]
 
 #: Largest accepted seed (numpy ``SeedSequence`` words and ``torch.Generator`` both take it).
 MAX_SEED = 2**32 - 1
@@ -91,3 +91,23 @@ def existing_path(text: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"not found: {text}")
     return path
+
+
+def parse_label_text(items: list[str]) -> dict[int, str] | None:
+    """``["0=normal", "1=pneumonia"]`` -> ``{0: "normal", 1: "pneumonia"}``.
+
+    Raises:
+        ValueError: an item without ``=`` or with a non-integer label.
+    """
+    if not items:
+        return None
+    out: dict[int, str] = {}
+    for item in items:
+        label, sep, text = item.partition("=")
+        if not sep or not text.strip():
+            raise ValueError(f"--label-text must look like LABEL=TEXT, got {item!r}")
+        try:
+            out[int(label)] = text.strip()
+        except ValueError:
+            raise ValueError(f"--label-text label must be an integer, got {label!r}") from None
+    return out

@@ -10,12 +10,12 @@ import csv
 import json
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from generator.data.records import ATTRIBUTE_KEYS
 
 __all__ = [
-    "METADATA_NAMES", "walk_files", "find_metadata", "read_metadata_rows", "convert_csv_cell",
+    "METADATA_NAMES", "walk_files", "find_metadata", "iter_metadata_rows", "read_metadata_rows", "convert_csv_cell",
     "split_row", "split_fragment", "parse_age", "resolve_member",
 ]
 
@@ -47,15 +47,13 @@ def find_metadata(root: Path) -> list[Path]:
     return found
 
 
-def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
-    """Rows of a metadata file (``file_name`` and ``text`` columns required).
+def iter_metadata_rows(meta: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a metadata file, streamed (memory flat in the number of rows); see :func:`read_metadata_rows`.
 
-    Raises:
-        ValueError: malformed file, or a missing ``file_name``/``text`` column (naming the file and
-            the columns found).
+    The CSV header is checked before the first row; JSON Lines columns after the last.
     """
-    rows: list[dict[str, Any]] = []
     if meta.suffix == ".jsonl":
+        columns: dict[str, None] = {}
         with open(meta, "rb") as f:
             for i, raw in enumerate(f, 1):
                 try:
@@ -67,34 +65,42 @@ def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
                     raise ValueError(f"{meta}: line {i} is not valid UTF-8 JSON ({exc})") from exc
                 if not isinstance(row, dict):
                     raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
-                rows.append(row)
-        if not rows:
-            return rows  # an empty JSON Lines file has no columns to check: an empty dataset
-        columns: list[str] = []
-        for row in rows:
-            columns.extend(k for k in row if k not in columns)
-    else:
-        with open(meta, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, strict=True)
-            try:
-                columns = [c.strip() for c in (reader.fieldnames or [])]
-                for row in reader:
-                    if None in row:
-                        raise ValueError(f"{meta}: line {reader.line_num} has more cells than the "
-                                         f"{len(columns)} columns of the header")
-                    rows.append({(k or "").strip(): v for k, v in row.items()})
-            except csv.Error as exc:
-                raise ValueError(f"{meta}: malformed CSV near line {reader.line_num} ({exc}; an "
-                                 "unterminated quote swallows the rows after it)") from exc
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{meta}: not UTF-8 text ({exc})") from exc
-    missing = [c for c in ("file_name", "text") if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{meta}: metadata needs the columns 'file_name' and 'text' (missing {missing}); "
-            f"columns found: {columns}"
-        )
-    return rows
+                if len(columns) < 1000:
+                    columns.update(dict.fromkeys(row))
+                yield row
+        missing = [c for c in ("file_name", "text") if c not in columns]
+        if columns and missing:
+            raise ValueError(f"{meta}: metadata needs the columns 'file_name' and 'text' (missing "
+                             f"{missing}); columns found: {list(columns)}")
+        return
+    with open(meta, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, strict=True)
+        try:
+            cols = [c.strip() for c in (reader.fieldnames or [])]
+            missing = [c for c in ("file_name", "text") if c not in cols]
+            if missing:
+                raise ValueError(f"{meta}: metadata needs the columns 'file_name' and 'text' (missing "
+                                 f"{missing}); columns found: {cols}")
+            for row in reader:
+                if None in row:
+                    raise ValueError(f"{meta}: line {reader.line_num} has more cells than the "
+                                     f"{len(cols)} columns of the header")
+                yield {(k or "").strip(): v for k, v in row.items()}
+        except csv.Error as exc:
+            raise ValueError(f"{meta}: malformed CSV near line {reader.line_num} ({exc}; an "
+                             "unterminated quote swallows the rows after it)") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{meta}: not UTF-8 text ({exc})") from exc
+
+
+def read_metadata_rows(meta: Path) -> list[dict[str, Any]]:
+    """Rows of a metadata file (``file_name`` and ``text`` columns required).
+
+    Raises:
+        ValueError: malformed file, or a missing ``file_name``/``text`` column (naming the file and
+            the columns found).
+    """
+    return list(iter_metadata_rows(meta))
 
 
 def convert_csv_cell(key: str, value: Any) -> Any:

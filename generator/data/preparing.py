@@ -42,7 +42,7 @@ import numpy as np
 
 from generator.data import dataset as _ds
 from generator.data import readers
-from generator.data.metadata import METADATA_NAMES, resolve_member, split_fragment
+from generator.data.metadata import METADATA_NAMES, iter_metadata_rows, resolve_member, split_fragment
 from generator.data.prepared import (
     FORMAT, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, PROGRESS_NAME, REPORT_NAME, PreparedDataset,
     atomic_write_bytes, dequantize, npy_header, quantize, read_json, sha256_file, shard_names,
@@ -142,49 +142,6 @@ def _h(h: Any, *parts: Any) -> None:
         h.update(b)
 
 
-def _iter_rows(meta: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a metadata file, streamed, with the checks and messages of ``read_metadata_rows``."""
-    if meta.suffix == ".jsonl":
-        columns: dict[str, None] = {}
-        with open(meta, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                    if not line.strip():
-                        continue
-                    row = json.loads(line)
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise ValueError(f"{meta}: line {i} is not valid UTF-8 JSON ({exc})") from exc
-                if not isinstance(row, dict):
-                    raise ValueError(f"{meta}: line {i} is not a JSON object: {line.strip()[:80]!r}")
-                if len(columns) < 1000:
-                    columns.update(dict.fromkeys(row))
-                yield row
-        missing = [c for c in ("file_name", "text") if c not in columns]
-        if columns and missing:
-            raise ValueError(f"{meta}: metadata needs the columns 'file_name' and 'text' (missing "
-                             f"{missing}); columns found: {list(columns)}")
-        return
-    with open(meta, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, strict=True)
-        try:
-            cols = [c.strip() for c in (reader.fieldnames or [])]
-            missing = [c for c in ("file_name", "text") if c not in cols]
-            if missing:
-                raise ValueError(f"{meta}: metadata needs the columns 'file_name' and 'text' (missing "
-                                 f"{missing}); columns found: {cols}")
-            for row in reader:
-                if None in row:
-                    raise ValueError(f"{meta}: line {reader.line_num} has more cells than the "
-                                     f"{len(cols)} columns of the header")
-                yield {(k or "").strip(): v for k, v in row.items()}
-        except csv.Error as exc:
-            raise ValueError(f"{meta}: malformed CSV near line {reader.line_num} ({exc}; an "
-                             "unterminated quote swallows the rows after it)") from exc
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{meta}: not UTF-8 text ({exc})") from exc
-
-
 # --------------------------------------------------------------------------------------------- plan
 class _Plan:
     """The source's work list, in a temporary SQLite file (memory stays flat in the number of rows).
@@ -255,7 +212,7 @@ def _plan_imagefolder(plan: _Plan, root: Path, metas: list[Path]) -> None:
         meta_rel = meta.relative_to(root).as_posix()
         from_csv = int(meta.suffix == ".csv")
         plan.digests.append((str(meta), sha256_file(meta)))
-        for i, row in enumerate(_iter_rows(meta), 1):
+        for i, row in enumerate(iter_metadata_rows(meta), 1):
             name = row.get("file_name")
             base, frag = split_fragment(name.strip()) if isinstance(name, str) else (name, None)
             try:

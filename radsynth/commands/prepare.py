@@ -53,28 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _label_text(items: list[str]) -> dict[int, str] | None:
-    """``["0=normal", "1=pneumonia"]`` -> ``{0: "normal", 1: "pneumonia"}``.
-
-    Raises:
-        ValueError: an item without ``=`` or with a non-integer label (naming ``--label-text``).
-    """
-    if not items:
-        return None
-    out: dict[int, str] = {}
-    for item in items:
-        label, sep, text = item.partition("=")
-        if not sep or not text.strip():
-            raise ValueError(f"--label-text must look like LABEL=TEXT, got {item!r}")
-        try:
-            out[int(label)] = text.strip()
-        except ValueError:
-            raise ValueError(f"--label-text label must be an integer, got {label!r}") from None
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     """Prepare the dataset; returns 0."""
+    from radsynth._args import parse_label_text
+
     from generator.data.preparing import prepare
 
     if args.ct_window[1] <= 0:
@@ -87,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         shard_size=args.shard_size,
-        label_text=_label_text(args.label_text),
+        label_text=parse_label_text(args.label_text),
         npz_split=args.npz_split,
         reports_csv=args.reports_csv,
         ct_window=tuple(args.ct_window),

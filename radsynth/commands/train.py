@@ -113,26 +113,6 @@ def check_flags(args: argparse.Namespace) -> None:
     _check_number("--ct-window WIDTH", width, low=0.0, high=1e5, low_open=True)
 
 
-def parse_label_text(items: list[str]) -> dict[int, str] | None:
-    """``["0=normal", "1=pneumonia"]`` -> ``{0: "normal", 1: "pneumonia"}``.
-
-    Raises:
-        ValueError: an item without ``=`` or with a non-integer label.
-    """
-    if not items:
-        return None
-    out: dict[int, str] = {}
-    for item in items:
-        label, sep, text = item.partition("=")
-        if not sep or not text.strip():
-            raise ValueError(f"--label-text must look like LABEL=TEXT, got {item!r}")
-        try:
-            out[int(label)] = text.strip()
-        except ValueError:
-            raise ValueError(f"--label-text label must be an integer, got {label!r}") from None
-    return out
-
-
 def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber an existing model folder unless asked to (main process only).
 
@@ -156,6 +136,7 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth train``."""
+    from radsynth._args import parse_label_text
     from accelerate import PartialState
 
     from generator._utils import cpu_only
