@@ -85,9 +85,7 @@ def gallery_html(folder: Path, lines: Sequence[dict], *, title: str, page_dir: P
         for key, label in (("dicom_file", "DICOM"), ("nifti_file", "NIfTI")):
             if ln.get(key):
                 files.append(f'<a href="{rel(folder / ln[key])}">{label}</a>')
-        sim = ln.get("nearest_train_similarity")
-        sim_text = f"nearest training similarity {sim:.3f} (threshold {ln.get('privacy_threshold', float('nan')):.3f})" \
-            if isinstance(sim, (int, float)) else ""
+        sim_text = html.escape(privacy_caption(ln))
         cards.append(
             f'<figure class="{html.escape(str(verdict))}"><img src="{rel(img)}" width="192" height="192" '
             f'style="image-rendering:pixelated"><figcaption><b>{html.escape(ln["text"])}</b><br>'
@@ -101,6 +99,22 @@ margin:6px;font-size:12px}} .reject .v{{color:#b00;font-weight:bold}} .review .v
 <p>{len(lines)} synthetic images. Every image is synthetic; DICOM files carry Synthetic Data = YES.</p>
 {''.join(cards)}</body></html>
 """
+
+
+def privacy_caption(line: dict) -> str:
+    """Each view's similarity to the nearest training image beside that view's own threshold, same
+    units (from the manifest's ``privacy_similarity_<view>`` / ``privacy_threshold_<view>``); the
+    deciding view first. Empty when the line has no privacy fields."""
+    views = sorted(k.removeprefix("privacy_similarity_") for k in line if k.startswith("privacy_similarity_"))
+    first = line.get("privacy_view")
+    if first in views:
+        views = [first] + [v for v in views if v != first]
+    parts = []
+    for v in views:
+        sim, thr = line.get(f"privacy_similarity_{v}"), line.get(f"privacy_threshold_{v}")
+        if isinstance(sim, (int, float)) and isinstance(thr, (int, float)):
+            parts.append(f"{v} {sim:.3f} (threshold {thr:.3f})")
+    return ("nearest training image: " + ", ".join(parts)) if parts else ""
 
 
 def folder_contact_sheet(folder: str | Path, path: str | Path, limit: int = 48) -> Path:

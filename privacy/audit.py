@@ -6,10 +6,11 @@ reasons, top-k training neighbours per view, p-value, nearest/second-nearest rat
 (copy rate, share of training images and patients copied, similarity quantiles synthetic→train
 against held-out→train, authenticity share, expected chance flags, a planted-copy self-test).
 
-Decision rule, per image:
-- ``reject``: some view's nearest similarity exceeds that view's conformal threshold at
-  ``alpha / V`` (Bonferroni over ``V`` views, so at most ``alpha`` of real unseen images are
-  flagged), or the pixel correlation with a training image is at least the index's
+Decision rule, per image (:class:`Verdict`):
+- ``reject``: the decision statistic (max over views of the standardized nearest similarity) is
+  above its conformal threshold at ``alpha``, i.e. some view's nearest similarity exceeds that
+  view's threshold at ``alpha`` (so at most ``alpha`` of real unseen images are flagged, the
+  views taken together), or the pixel correlation with a training image is at least the index's
   ``leak_threshold`` (a near-exact copy).
 - ``review``: the same at ``review_alpha``.
 - ``keep``: otherwise.
@@ -17,8 +18,9 @@ Decision rule, per image:
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -35,28 +37,48 @@ GUARANTEE_STATEMENT = (
     "differentially private training gives a formal privacy guarantee."
 )
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-VERDICTS = ("keep", "review", "reject")
 
 
-@dataclass
+class Verdict(str, enum.Enum):
+    """Outcome of the audit of one image (a ``str``, so it compares and serialises as its value)."""
+
+    KEEP = "keep"
+    REVIEW = "review"
+    REJECT = "reject"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The verdicts, mildest first.
+VERDICTS: tuple[Verdict, ...] = (Verdict.KEEP, Verdict.REVIEW, Verdict.REJECT)
+
+
+@dataclass(frozen=True)
 class ImageVerdict:
     """The audit of one image.
 
+    Every similarity sits beside its own threshold in the same units: view ``v`` flags the image
+    when ``similarity[v] > view_thresholds[v]`` (for ``ncc`` also when it reaches the index's
+    ``leak_threshold``, which caps ``view_thresholds["ncc"]``).
+
     Attributes:
         file_name: The image's id (file name in the synthetic folder).
-        verdict: ``"keep"``, ``"review"`` or ``"reject"``.
+        verdict: :class:`Verdict`.
         reasons: Human-readable reasons (empty for ``keep``).
-        score: Decision margin at ``alpha``: the largest relative excess of a view's nearest
-            similarity over that view's threshold (see
-            :meth:`privacy.calibration.Calibration.margin`); ``> 0`` means some view is above its
-            threshold.
-        threshold: Always 0 (reject when ``score`` is above it).
-        review_threshold: The value of ``score`` above which the image is at least ``review``.
+        similarity: view -> nearest training similarity (raw, in the view's units).
+        view_thresholds: view -> that view's threshold at :attr:`alpha` (same units).
+        review_thresholds: view -> that view's threshold at :attr:`review_alpha`.
+        deciding_view: The view closest to (or farthest above) its threshold at :attr:`alpha`,
+            relative to the view's null spread: the reason for ``reject``, or the nearest call for
+            ``keep``.
+        score: Decision statistic (max over views of the similarity standardized on the held-out
+            null: ``(similarity - null median) / null scale``).
+        threshold: The statistic's conformal threshold at :attr:`alpha` (``reject`` above it).
+        review_threshold: The statistic's threshold at :attr:`review_alpha`.
         alpha: False-flag rate used for ``reject``.
         review_alpha: False-flag rate used for ``review``.
-        p_value: Conformal p-value of ``score`` against the held-out null.
-        similarity: view -> nearest training similarity.
-        view_thresholds: view -> that view's own threshold at ``alpha`` (informative).
+        p_value: Conformal p-value of :attr:`score` against the held-out null of the statistic.
         neighbours: view -> top-k ``{"id", "similarity", "patient_id"}`` dicts.
         nn_ratio: Embedding-view distance ratio ``(1 - s1) / (1 - s2)``; near 0 means one training
             image stands out (copy-like), near 1 means several are equally close.
@@ -66,20 +88,30 @@ class ImageVerdict:
     """
 
     file_name: str
-    verdict: str
-    reasons: list[str]
+    verdict: Verdict
+    reasons: tuple[str, ...]
+    similarity: Mapping[str, float]
+    view_thresholds: Mapping[str, float]
+    review_thresholds: Mapping[str, float]
+    deciding_view: str
     score: float
     threshold: float
     review_threshold: float
     alpha: float
     review_alpha: float
     p_value: float
-    similarity: dict[str, float]
-    view_thresholds: dict[str, float]
-    neighbours: dict[str, list[dict[str, Any]]]
+    neighbours: Mapping[str, list[dict[str, Any]]]
     nn_ratio: float
     nearest_patient_id: str | None = None
     authentic: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verdict", Verdict(self.verdict))
+        object.__setattr__(self, "reasons", tuple(self.reasons))
+        if self.deciding_view not in self.view_thresholds or self.deciding_view not in self.similarity:
+            raise ValueError(
+                f"deciding_view {self.deciding_view!r} must be one of the thresholded views {list(self.view_thresholds)}"
+            )
 
     @property
     def nearest_ids(self) -> list[str]:
@@ -90,46 +122,51 @@ class ImageVerdict:
         """JSON-serialisable record (used in the audit JSON)."""
         return {
             "file_name": self.file_name,
-            "verdict": self.verdict,
+            "verdict": self.verdict.value,
             "reasons": list(self.reasons),
+            "deciding_view": self.deciding_view,
+            "similarity": {k: _f(v) for k, v in self.similarity.items()},
+            "view_thresholds": {k: _f(v) for k, v in self.view_thresholds.items()},
+            "review_thresholds": {k: _f(v) for k, v in self.review_thresholds.items()},
             "score": _f(self.score),
             "threshold": _f(self.threshold),
             "review_threshold": _f(self.review_threshold),
             "alpha": self.alpha,
             "review_alpha": self.review_alpha,
             "p_value": _f(self.p_value),
-            "similarity": {k: _f(v) for k, v in self.similarity.items()},
-            "view_thresholds": {k: _f(v) for k, v in self.view_thresholds.items()},
-            "neighbours": self.neighbours,
+            "neighbours": dict(self.neighbours),
             "nn_ratio": _f(self.nn_ratio),
             "nearest_patient_id": self.nearest_patient_id,
             "authentic": bool(self.authentic),
         }
 
     def manifest_fields(self) -> dict[str, Any]:
-        """Fields added to a ``metadata.jsonl`` line (DESIGN.md §3.3).
+        """Fields added to a ``metadata.jsonl`` line (DESIGN.md §3.3); no training identifiers.
 
-        ``nearest_train_similarity`` is the decision margin (relative excess of the nearest training
-        similarity over its calibrated threshold, max over views) and ``privacy_threshold`` the
-        value it is compared with (0); the raw per-view similarities are in
-        ``privacy_similarity_<view>``.
+        - ``nearest_train_similarity``: the deciding view's raw nearest training similarity;
+        - ``privacy_threshold``: that view's threshold at ``privacy_alpha`` (same units);
+        - ``privacy_view``: the deciding view's name;
+        - ``privacy_similarity_<view>`` / ``privacy_threshold_<view>``: the same for every view;
+        - ``privacy_verdict``, ``privacy_p_value``, ``privacy_alpha``, ``privacy_reasons``,
+          ``privacy_nn_ratio``.
         """
         out: dict[str, Any] = {
-            "nearest_train_similarity": _f(self.score),
-            "privacy_threshold": _f(self.threshold),
-            "privacy_verdict": self.verdict,
+            "nearest_train_similarity": _f(self.similarity[self.deciding_view]),
+            "privacy_threshold": _f(self.view_thresholds[self.deciding_view]),
+            "privacy_view": self.deciding_view,
+            "privacy_verdict": self.verdict.value,
             "privacy_p_value": _f(self.p_value),
             "privacy_alpha": self.alpha,
-            "privacy_score_kind": "max over views of (similarity - threshold) / (threshold - null median)",
             "privacy_reasons": list(self.reasons),
             "privacy_nn_ratio": _f(self.nn_ratio),
         }
-        for view, s in self.similarity.items():
-            out[f"privacy_similarity_{view}"] = _f(s)
+        for view in self.view_thresholds:
+            out[f"privacy_similarity_{view}"] = _f(self.similarity[view])
+            out[f"privacy_threshold_{view}"] = _f(self.view_thresholds[view])
         return out
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditResult:
     """Verdicts for every image plus the dataset summary.
 
@@ -151,6 +188,15 @@ def _f(x: float) -> float | None:
     return None if not np.isfinite(x) else round(x, 6)
 
 
+def _relative_position(sim: Mapping[str, float], thr: Mapping[str, float], cal: Any) -> dict[str, float]:
+    """Per view: ``(similarity - null median) / (threshold - null median)``; ``>= 1`` at or above."""
+    out = {}
+    for v, t in thr.items():
+        denom = max(t - cal.center[v], 1e-12)
+        out[v] = (sim[v] - cal.center[v]) / denom
+    return out
+
+
 def verdicts_from_scores(
     index: ReferenceIndex,
     scores: Scores,
@@ -169,19 +215,16 @@ def verdicts_from_scores(
         ValueError: ``alpha`` outside ``(0, 1)`` or ``file_names`` of the wrong length.
     """
     cal = index.calibration
-    if cal is None:
-        raise ValueError("the index has no calibration; build it with ReferenceIndex.build")
     a = index.alpha if alpha is None else float(alpha)
     if not 0.0 < a < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     ra = max(index.review_alpha, a)
     if len(file_names) != len(scores):
         raise ValueError(f"file_names has {len(file_names)} entries but {len(scores)} images were scored")
-    margin = cal.margin(scores.nearest, a)
-    review_margin = cal.margin(scores.nearest, ra)
-    view_thr = cal.view_thresholds(a)
-    review_thr = cal.view_thresholds(ra)
-    p_values = cal.combined_p_value(scores.nearest)
+    t_reject, t_review = cal.threshold(a), cal.threshold(ra)
+    view_thr = index.thresholds(a)
+    review_thr = index.thresholds(ra)
+    p_values = cal.p_value(scores.nearest)
     ref_nn = index.ref_nn_similarity()
     out: list[ImageVerdict] = []
     for q, name in enumerate(file_names):
@@ -194,7 +237,7 @@ def verdicts_from_scores(
                 if i >= 0
             ]
         sim = {v: float(scores.nearest[v][q]) for v in VIEW_NAMES}
-        fused = float(margin[q])
+        stat = float(scores.fused[q])
         reasons: list[str] = []
         ncc_top = neighbours["ncc"][0] if neighbours["ncc"] else None
         leak = ncc_top is not None and sim["ncc"] >= index.leak_threshold
@@ -203,14 +246,21 @@ def verdicts_from_scores(
                 f"pixel correlation {sim['ncc']:.4f} >= {index.leak_threshold} with its nearest training "
                 "image: near-exact copy"
             )
-        level = "reject" if (fused > 0 or leak) else "review" if review_margin[q] > 0 else "keep"
-        if level != "keep":
-            cut, cut_alpha = (view_thr, a) if fused > 0 else (review_thr, ra)
-            for v in cal.fused_views:
+        if stat > t_reject or leak:
+            level = Verdict.REJECT
+        elif stat > t_review:
+            level = Verdict.REVIEW
+        else:
+            level = Verdict.KEEP
+        pos = _relative_position(sim, view_thr, cal)
+        deciding = "ncc" if leak else max(pos, key=lambda v: pos[v])
+        if level is not Verdict.KEEP:
+            cut, cut_alpha = (view_thr, a) if level is Verdict.REJECT else (review_thr, ra)
+            for v in cut:
                 if sim[v] > cut[v] and neighbours[v]:
                     reasons.append(
-                        f"{v} similarity {sim[v]:.4f} to its nearest training image "
-                        f"exceeds its threshold {cut[v]:.4f} (alpha {cut_alpha:g} / {len(cal.fused_views)} views)"
+                        f"{v} similarity {sim[v]:.4f} to its nearest training image exceeds its threshold "
+                        f"{cut[v]:.4f} (alpha {cut_alpha:g}, all views together)"
                     )
         e_sims = scores.neighbours["embedding"][0][q]
         ratio = (1.0 - e_sims[0]) / max(1.0 - e_sims[1], 1e-9) if len(e_sims) > 1 else float("nan")
@@ -219,15 +269,17 @@ def verdicts_from_scores(
             ImageVerdict(
                 file_name=str(name),
                 verdict=level,
-                reasons=reasons,
-                score=fused,
-                threshold=0.0,
-                review_threshold=float(fused - review_margin[q]),
+                reasons=tuple(reasons),
+                similarity=sim,
+                view_thresholds=view_thr,
+                review_thresholds=review_thr,
+                deciding_view=deciding,
+                score=stat,
+                threshold=t_reject,
+                review_threshold=t_review,
                 alpha=a,
                 review_alpha=ra,
                 p_value=float(p_values[q]),
-                similarity=sim,
-                view_thresholds=view_thr,
                 neighbours=neighbours,
                 nn_ratio=float(ratio),
                 nearest_patient_id=ncc_top["patient_id"] if ncc_top else None,
@@ -270,7 +322,7 @@ def planted_copy_self_test(
     for name, imgs in planted.items():
         imgs = np.clip(imgs, 0, 1).astype(np.float32)
         v = verdicts_from_scores(index, index.score(imgs), [str(i) for i in range(len(imgs))], alpha)
-        out[name] = round(float(np.mean([x.verdict == "reject" for x in v])), 4)
+        out[name] = round(float(np.mean([x.verdict is Verdict.REJECT for x in v])), 4)
     return out
 
 
@@ -318,8 +370,8 @@ def audit_images(
     a = verdicts[0].alpha
     ra = verdicts[0].review_alpha
     n = len(verdicts)
-    counts = {v: sum(x.verdict == v for x in verdicts) for v in VERDICTS}
-    rejected = [x for x in verdicts if x.verdict == "reject"]
+    counts = {v.value: sum(x.verdict is v for x in verdicts) for v in VERDICTS}
+    rejected = [x for x in verdicts if x.verdict is Verdict.REJECT]
     copied = sorted({x.nearest_ids[0] for x in rejected if x.nearest_ids})
     has_pids = any(p is not None for p in index.patient_ids)
     cal = index.calibration
@@ -327,7 +379,7 @@ def audit_images(
         v: {"synthetic": _quantiles(scores.nearest[v]), "heldout": _quantiles(cal.null[v])}
         for v in VIEW_NAMES
     }
-    quant["fused"] = {"synthetic": _quantiles(scores.fused), "heldout": _quantiles(cal.fused_null)}
+    quant["fused"] = {"synthetic": _quantiles(scores.fused), "heldout": _quantiles(cal.statistic_null)}
     summary: dict[str, Any] = {
         "n_images": n,
         "counts": counts,
@@ -342,8 +394,9 @@ def audit_images(
         "similarity_quantiles": quant,
         "authenticity_share": round(float(np.mean([x.authentic for x in verdicts])), 6),
         "thresholds": {"reject": index.thresholds(a), "review": index.thresholds(ra)},
+        "statistic_thresholds": {"reject": cal.threshold(a), "review": cal.threshold(ra)},
         "leak_threshold": index.leak_threshold,
-        "holdout": index.holdout,
+        "holdout": dict(index.holdout),
         "n_references": len(index.ids),
         "resolution": index.resolution,
         "statement": GUARANTEE_STATEMENT,

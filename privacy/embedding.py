@@ -34,7 +34,8 @@ class EmbedderConfig:
     Attributes:
         dim: Output embedding size.
         width: Channels of the first convolution (doubled twice).
-        steps: Optimizer steps.
+        steps: Optimizer steps (200: on PneumoniaMNIST the detection table at 200 steps is within
+            0.01 of 400 steps per transform, at half the training time; 100 loses 0.03 on crops).
         batch_size: Images per step (two views each).
         lr: AdamW learning rate (cosine decay).
         temperature: InfoNCE temperature.
@@ -45,7 +46,7 @@ class EmbedderConfig:
 
     dim: int = 128
     width: int = 16
-    steps: int = 400
+    steps: int = 200
     batch_size: int = 256
     lr: float = 3e-3
     temperature: float = 0.07
@@ -145,7 +146,8 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    arr = np.ascontiguousarray(images, dtype=np.float32)
+    t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())[:, None]
     if t.shape[-1] != EMBED_SIZE or t.shape[-2] != EMBED_SIZE:
         t = F.interpolate(t, size=(EMBED_SIZE, EMBED_SIZE), mode="bilinear", align_corners=False, antialias=True)
     return t
@@ -218,12 +220,13 @@ def copy_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+# Copied from generator._utils.torch_threads (privacy imports no other RadSynth package)
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count, restoring it on exit (``None``: unchanged).
+    """Temporarily set torch's intra-op thread count (``None``: unchanged).
 
-    On a CPU shared with other busy processes, one thread can be many times faster than several
-    spinning ones; callers that know their environment (benchmarks, tests) opt in here.
+    Raises:
+        ValueError: ``n`` is smaller than 1.
     """
     if n is None:
         yield

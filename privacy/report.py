@@ -19,18 +19,29 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from privacy.audit import AuditResult
+from privacy.audit import VERDICTS, AuditResult, ImageVerdict, Verdict
 from privacy.index import ReferenceIndex
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    The file ends with mode ``0o666 & ~umask``, as a plain ``open(path, "w")`` would give
+    (``mkstemp`` alone would leave it ``0o600``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -66,6 +77,26 @@ figure{margin:0;text-align:center;font-size:12px}img{image-rendering:pixelated}
 """
 
 
+def view_table(verdict: ImageVerdict) -> str:
+    """HTML table: each view's nearest training similarity beside its own threshold (same units),
+    at the verdict's alpha and review alpha; the deciding view in bold, views above threshold marked."""
+    e = html.escape
+    rows = [
+        "<table class='views'><tr><th>view</th><th>similarity</th>"
+        f"<th>threshold (alpha {verdict.alpha:g})</th><th>review threshold (alpha {verdict.review_alpha:g})</th></tr>"
+    ]
+    for view, thr in verdict.view_thresholds.items():
+        sim = verdict.similarity[view]
+        above = " &gt;" if sim > thr else ""
+        name = f"<b>{e(view)}</b>" if view == verdict.deciding_view else e(view)
+        rows.append(
+            f"<tr><td>{name}</td><td>{sim:.4f}{above}</td><td>{thr:.4f}</td>"
+            f"<td>{verdict.review_thresholds[view]:.4f}</td></tr>"
+        )
+    rows.append("</table>")
+    return "".join(rows)
+
+
 def render_html(
     result: AuditResult,
     index: ReferenceIndex,
@@ -94,7 +125,7 @@ def render_html(
     ]
     rows: list[tuple[str, Any]] = [
         ("images audited", s.get("n_images")),
-        ("keep / review / reject", " / ".join(str(s["counts"][k]) for k in ("keep", "review", "reject"))),
+        ("keep / review / reject", " / ".join(str(s["counts"][k.value]) for k in VERDICTS)),
         ("copy rate (reject)", s.get("copy_rate")),
         ("expected chance flags (alpha x n)", s.get("expected_chance_flags")),
         ("alpha (reject) / (review)", f"{s.get('alpha')} / {s.get('review_alpha')}"),
@@ -113,18 +144,19 @@ def render_html(
         for which in ("synthetic", "heldout"):
             parts.append(f"<tr><td>{e(view)}</td><td>{which}</td>" + "".join(f"<td>{v}</td>" for v in d[which].values()) + "</tr>")
     parts.append(f"</table><p>{e(s.get('statement', ''))}</p>")
-    flagged = [i for i, v in enumerate(result.images) if v.verdict == "reject"]
-    flagged += [i for i, v in enumerate(result.images) if v.verdict == "review"]
+    flagged = [i for i, v in enumerate(result.images) if v.verdict is Verdict.REJECT]
+    flagged += [i for i, v in enumerate(result.images) if v.verdict is Verdict.REVIEW]
     parts.append(f"<h2>Flagged images ({len(flagged)})</h2>")
     if not flagged:
         parts.append("<p>No image was flagged.</p>")
     for i in flagged[:max_flagged]:
         v = result.images[i]
-        parts.append(f"<div class='row {v.verdict}'>")
+        parts.append(f"<div class='row {v.verdict.value}'>")
         parts.append(
             f"<figure><img src='{png_data_uri(images[i])}' alt='synthetic'><figcaption><b>{e(v.file_name)}</b><br>"
-            f"{v.verdict} · score {v.score:.2f} > {v.threshold:.2f}?<br>p = {v.p_value:.4f}</figcaption></figure>"
+            f"{v.verdict.value} · deciding view {e(v.deciding_view)}<br>p = {v.p_value:.4f}</figcaption></figure>"
         )
+        parts.append(view_table(v))
         shown: list[str] = []
         for view in ("ncc", "embedding"):
             for nb in v.neighbours.get(view, []):
@@ -134,10 +166,9 @@ def render_html(
                     continue
                 shown.append(nb["id"])
                 img = index.images[id_to_idx[nb["id"]]]
-                sims = " · ".join(f"{k} {v.similarity[k]:.3f}" for k in v.similarity) if len(shown) == 1 else ""
                 parts.append(
                     f"<figure><img src='{png_data_uri(img)}' alt='training'><figcaption>train {e(nb['id'])}<br>"
-                    f"{view} {nb['similarity']:.4f}<br>{e(sims)}</figcaption></figure>"
+                    f"{view} {nb['similarity']:.4f}</figcaption></figure>"
                 )
         parts.append("<div><ul>" + "".join(f"<li>{e(r)}</li>" for r in v.reasons) + "</ul></div></div>")
     if len(flagged) > max_flagged:

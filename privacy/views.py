@@ -35,6 +35,13 @@ HASH_BITS = 64
 _EPS = 1e-6
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 array torch can wrap: ``a`` itself when possible, else a copy (read-only
+    arrays, e.g. a frozen index's images, are copied instead of shared)."""
+    out = np.ascontiguousarray(a, dtype=np.float32)
+    return out if out.flags.writeable else out.copy()
+
+
 def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
     """Validate an image stack and return it as C-contiguous float32.
 
@@ -76,7 +83,7 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     arr = np.asarray(images, dtype=np.float32)
     if arr.shape[1] == size and arr.shape[2] == size:
         return np.ascontiguousarray(arr)
-    t = torch.from_numpy(np.ascontiguousarray(arr))[:, None]
+    t = torch.from_numpy(_writable(arr))[:, None]
     if arr.shape[1] >= size and arr.shape[2] >= size:
         out = F.interpolate(t, size=(size, size), mode="area")
     else:
@@ -136,7 +143,7 @@ def warp_images(images: np.ndarray, warps: Sequence[tuple[float, float]]) -> np.
     Returns:
         ``(N, len(warps), S, S)`` float32.
     """
-    t = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None]
+    t = torch.from_numpy(_writable(images))[:, None]
     out = []
     for angle, zoom in warps:
         if angle == 0 and zoom == 1:
@@ -208,21 +215,29 @@ def query_windows(
         ``(Q, V, (S-2m)**2)`` float32 unit rows,
         ``V = len(warps) * (2 if flips else 1) * (2m+1)**2``.
     """
+    return _query_windows_t(query_ncc, max_shift, flips, warps).numpy()
+
+
+def _query_windows_t(
+    query_ncc: np.ndarray,
+    max_shift: int,
+    flips: bool,
+    warps: Sequence[tuple[float, float]],
+) -> torch.Tensor:
+    """:func:`query_windows` as a torch tensor, built with ``unfold`` (one pass per step, no Python
+    loop over shifts); variant order: warp, then mirror, then ``dy``, then ``dx``."""
     s = query_ncc.shape[1]
     m = int(max_shift)
     c = s - 2 * m
-    warped = warp_images(query_ncc, warps)
-    variants = []
-    for w in range(warped.shape[1]):
-        variants += [warped[:, w], warped[:, w, :, ::-1]] if flips else [warped[:, w]]
-    out = []
-    for img in variants:
-        for dy in range(-m, m + 1):
-            for dx in range(-m, m + 1):
-                out.append(img[:, m + dy : m + dy + c, m + dx : m + dx + c].reshape(len(img), -1))
-    stacked = np.stack(out, axis=1)
-    q, v, d = stacked.shape
-    return normalize_rows(stacked.reshape(q * v, d)).reshape(q, v, d)
+    warped = torch.from_numpy(warp_images(query_ncc, warps))  # (Q, W, S, S)
+    if flips:
+        warped = torch.stack([warped, warped.flip(-1)], dim=2)  # (Q, W, 2, S, S)
+    q = warped.shape[0]
+    imgs = warped.reshape(-1, 1, s, s)
+    win = F.unfold(imgs, kernel_size=c)  # (Q*W*F, c*c, (2m+1)**2), positions row-major (dy, dx)
+    win = win.transpose(1, 2).reshape(q, -1, c * c)  # (Q, V, D)
+    win = win - win.mean(dim=-1, keepdim=True)
+    return win / win.norm(dim=-1, keepdim=True).clamp(min=_EPS)
 
 
 def shifted_ncc_max(
@@ -260,10 +275,10 @@ def shifted_ncc_max(
     # bound the (chunk, V, D) float32 block of query windows to about 64 MiB
     n_var = len(warps) * (2 if flips else 1) * (2 * int(max_shift) + 1) ** 2
     chunk = int(min(chunk, max(1, (1 << 26) // (n_var * ref_windows.shape[1] * 4))))
-    refs = torch.from_numpy(ref_windows)
+    refs = torch.from_numpy(_writable(ref_windows))
     for start in range(0, q_count, chunk):
         stop = min(start + chunk, q_count)
-        qw = torch.from_numpy(query_windows(query_ncc[start:stop], max_shift, flips, warps))  # (B, V, D)
+        qw = _query_windows_t(query_ncc[start:stop], max_shift, flips, warps)  # (B, V, D)
         cand = torch.from_numpy(candidates[start:stop].astype(np.int64))
         valid = cand >= 0
         gathered = refs[cand.clamp(min=0)]  # (B, C, D)

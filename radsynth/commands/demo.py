@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix_str("indexing the training phantoms")
         n_ref = args.reference_images or int(demo_cfg["num_images"])
         ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]))
-        hold = phantom_reference_set(max(100, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1)
+        hold = phantom_reference_set(max(200, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1)
         index = ReferenceIndex.build(
             ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
             holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,

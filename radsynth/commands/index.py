@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resize images to R x R (default: the training images' size if all equal)")
     parser.add_argument("--holdout-fraction", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=0.2,
                         help="share of patients held out when no --holdout is given (default 0.2)")
-    parser.add_argument("--embedder-steps", type=int_in(0, 100_000), default=400,
-                        help="training steps of the copy-detection embedding (default 400)")
+    parser.add_argument("--embedder-steps", type=int_in(0, 100_000), default=200,
+                        help="training steps of the copy-detection embedding (default 200)")
     parser.add_argument("--seed", type=seed, default=0, help="seed for the split and the embedder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing INDEX_DIR")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -89,16 +89,24 @@ def run(args: argparse.Namespace) -> int:
             holdout_ids=[f"holdout:{r.file_name}" for r in hold.records],
             holdout_patient_ids=[r.patient_id for r in hold.records],
         )
+    previous = None
+    if args.overwrite and args.output.is_dir():
+        try:  # rebuilding on the same data reuses the trained embedder (recorded by fingerprint)
+            previous = ReferenceIndex.load(args.output)
+        except (FileNotFoundError, ValueError):
+            previous = None
     index = ReferenceIndex.build(
         images, ids, pids, alpha=args.alpha, review_alpha=args.review_alpha,
         holdout_fraction=args.holdout_fraction,
         embedder_config=EmbedderConfig(steps=args.embedder_steps, seed=args.seed),
-        seed=args.seed, progress=progress, **kwargs,
+        seed=args.seed, progress=progress, previous=previous,
+        holdout_name="--holdout " + str(args.holdout) if args.holdout is not None else "the held-out split of --data",
+        # names only: an index may be moved, and its JSON should not reveal the training machine's paths
+        info={"data": Path(args.data).name,
+              "holdout_dir": None if args.holdout is None else Path(args.holdout).name,
+              "data_fingerprint": train.fingerprint()},
+        **kwargs,
     )
-    # names only: an index may be moved, and its JSON should not reveal the training machine's paths
-    index.info["data"] = Path(args.data).name
-    index.info["holdout_dir"] = None if args.holdout is None else Path(args.holdout).name
-    index.info["data_fingerprint"] = train.fingerprint()
     index.save(args.output, overwrite=args.overwrite)
     h = index.holdout
     thr = index.thresholds()
@@ -109,14 +117,10 @@ def run(args: argparse.Namespace) -> int:
               "were added back to the references after calibration)")
     print(f"  null from {h['n_null']} held-out images; excluded: {len(h['excluded_same_patient'])} "
           f"sharing a patient with training, {len(h['excluded_duplicates'])} near-duplicates of a training image")
-    if h.get("self_similar_data"):
-        print(f"  the data is self-similar: most held-out images correlate >= 0.995 with some training image, "
-              f"so none was treated as a leaked duplicate; the exact-copy rule now needs pixel correlation "
-              f">= {h['leak_threshold']:.4f}")
-    if not h["alpha_resolvable"]:
-        print(f"  warning: {h['n_null']} held-out images cannot resolve alpha={args.alpha} "
-              f"(needs >= {int(round(1 / args.alpha)) - 1}); the largest null value is the threshold",
-              file=sys.stderr)
+    if previous is not None and previous.embedder_fingerprint == index.embedder_fingerprint:
+        print("  the copy-detection embedder of the previous index was reused (same images, same settings)")
+    for warning in h.get("warnings", []):
+        print(f"  warning: {warning}", file=sys.stderr)
     print("thresholds at alpha=%g: " % args.alpha + ", ".join(f"{k} {v:.4f}" for k, v in thr.items()))
     print(f"NOTE: {args.output} contains training-derived data (see its README.md); keep it with the "
           "training data, never inside a model folder or a synthetic dataset.")

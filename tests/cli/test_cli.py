@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from generator.gallery import privacy_caption
 from radsynth.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,8 +152,9 @@ def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
     phantoms = tmp_path / "phantoms"  # varied training-like data for the index
     assert main(["phantoms", "--num-images", "40", "--size", "32", "--output", str(phantoms)]) == 0
     idx = tmp_path / "idx"
+    # 40 phantoms leave 8 held-out images: enough to resolve alpha 0.2, not 0.01 (refused, tested in privacy)
     assert main(["index", "--data", str(phantoms), "--output", str(idx), "--resolution", "16", "--quiet",
-                 "--embedder-steps", "20"]) == 0
+                 "--embedder-steps", "20", "--alpha", "0.2", "--review-alpha", "0.3"]) == 0
     out = tmp_path / "gated"
     assert main(["generate", "--model", str(tiny_model), "--prompt", "bright square", "--num-images", "3",
                  "--steps", "2", "--output", str(out), "--privacy-index", str(idx), "--quiet"]) == 0
@@ -163,10 +165,14 @@ def test_generate_with_privacy_index(tmp_path, tiny_model, capsys):
     for ln in lines:
         assert ln["privacy_verdict"] in ("keep", "review")
         assert isinstance(ln["nearest_train_similarity"], float) and "privacy_threshold" in ln
+        view = ln["privacy_view"]  # the deciding view: its own similarity beside its own threshold
+        assert ln["nearest_train_similarity"] == ln[f"privacy_similarity_{view}"]
+        assert ln["privacy_threshold"] == ln[f"privacy_threshold_{view}"]
+        assert privacy_caption(ln).startswith(f"nearest training image: {view} ")
         assert "phantom_0" not in json.dumps(ln)  # no training file name in the shareable manifest
     idx32 = tmp_path / "idx32"
     assert main(["index", "--data", str(phantoms), "--output", str(idx32), "--resolution", "32", "--quiet",
-                 "--embedder-steps", "5"]) == 0
+                 "--embedder-steps", "5", "--alpha", "0.2", "--review-alpha", "0.3"]) == 0
     assert main(["generate", "--model", str(tiny_model), "--prompt", "x", "--output", str(tmp_path / "o2"),
                  "--privacy-index", str(idx32)]) == 2
     assert "built at 32 px" in capsys.readouterr().err

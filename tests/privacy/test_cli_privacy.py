@@ -87,13 +87,15 @@ def test_audit_errors(cli_index, tmp_path, make_images, capsys):
     err = capsys.readouterr().err
     assert "16x16" in err and "24x24" in err
     assert main(["audit", "--index", str(tmp_path / "nope"), "--synthetic", str(small)]) == 2
-    assert "no reference index" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nope" in err and ("no reference index" in err or "not found" in err)
 
 
 def test_index_without_holdout_uses_patient_disjoint_split(tmp_path, train_images, patient_ids, capsys):
     train = write_folder(tmp_path / "train", train_images, patient_ids=patient_ids)
+    # 8 held-out images (20% of 20 patients) resolve alpha 0.2 (4 needed), not the default 0.01
     rc = main(["index", "--data", str(train), "--output", str(tmp_path / "idx"), "--embedder-steps", "5",
-               "--quiet"])
+               "--alpha", "0.2", "--review-alpha", "0.3", "--quiet"])
     assert rc == 0
     assert "patient-disjoint split" in capsys.readouterr().out
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())

@@ -121,3 +121,33 @@ def test_refine_ncc_ignores_clipped_pixels(make_images):
     unmasked, _ = V.refine_ncc(q_ncc, r_ncc, np.array([0]), np.array([0]), init, m, clip_eps=-1.0)
     assert masked[0] == pytest.approx(1.0, abs=1e-4)
     assert unmasked[0] == pytest.approx(plain, abs=1e-3) and plain < 0.999
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_approximate_search_index_finds_planted_copies_with_exact_similarities(tmp_path):
+    from privacy.search import SearchIndex
+
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(40, 32))
+    refs = centres[rng.integers(0, 40, 4000)] + 0.5 * rng.normal(size=(4000, 32))
+    refs = (refs / np.linalg.norm(refs, axis=1, keepdims=True)).astype(np.float32)
+    np.save(tmp_path / "refs.npy", refs)
+    mapped = np.load(tmp_path / "refs.npy", mmap_mode="r")  # references stay on disk
+    src = rng.choice(4000, 200, replace=False)
+    q = refs[src] + 0.05 * rng.normal(size=(200, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    ann = SearchIndex(mapped, approximate=True, nlist=64, nprobe=8)
+    assert ann.approximate and len(ann) == 4000
+    s, i = ann.search(q, 10)
+    es, ei = exact_topk(q, refs, 10)
+    assert (i[:, 0] == src).mean() >= 0.99  # the planted source is found
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i, ei)])
+    assert recall >= 0.9
+    # similarities are exact inner products of the returned references
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, refs[i]), rtol=1e-5, atol=1e-6)
+    # below the size threshold the same class searches exactly
+    exact = SearchIndex(refs)
+    assert not exact.approximate
+    np.testing.assert_array_equal(exact.search(q, 10)[1], ei)
+    with pytest.raises(ValueError, match="rerank"):
+        SearchIndex(refs, rerank=0)
