@@ -54,7 +54,6 @@ from scipy.stats import beta
 from skimage.transform import resize
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from privacy import views as V  # noqa: E402
 from privacy.calibration import Calibration, conformal_threshold  # noqa: E402

@@ -72,7 +72,7 @@ def test_prompt_files(tmp_path):
     assert read_prompt_file(jl)[0][2] == 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"num_images": 0, "text": "x"}\n')
-    with pytest.raises(ValueError, match="row 1: num_images must be >= 1"):
+    with pytest.raises(ValueError, match=r"row 1: num_images must be in \[1, 100000\], got 0"):
         read_prompt_file(bad)
     empty_row = tmp_path / "e.jsonl"
     empty_row.write_text('{"num_images": 1}\n')
