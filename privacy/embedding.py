@@ -274,10 +274,9 @@ def train_embedder(
     if len(images) < 2:
         raise ValueError(f"images must hold at least 2 images to train the embedder, got {len(images)}")
     gen = torch.Generator().manual_seed(config.seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(config.seed)
-    model = CopyEmbedder(config)
-    torch.random.set_rng_state(torch_state)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG is left alone
+        torch.manual_seed(config.seed)
+        model = CopyEmbedder(config)
     data = _to_tensor(images)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     warmup = max(1, config.steps // 10)

@@ -244,9 +244,10 @@ class VolumeTrainer:
         self.text_encoder_name = text_encoder
         self.progress = progress
         self.tokenizer, self.encoder = load_text_encoder(text_encoder)
-        torch.manual_seed(int(train_config.seed))
-        self.vae = build_vae(model_config)
-        self.unet = build_unet(model_config, hidden_size(self.encoder))
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights; the global RNG is left alone
+            torch.manual_seed(int(train_config.seed))
+            self.vae = build_vae(model_config)
+            self.unet = build_unet(model_config, hidden_size(self.encoder))
         self.ema = build_unet(model_config, hidden_size(self.encoder)).requires_grad_(False)
         self.ema.load_state_dict(self.unet.state_dict())
         self.scheduler = build_noise_scheduler(model_config)
