@@ -216,13 +216,18 @@ def read_model_info(path: str | Path) -> ModelInfo:
             f"{str(path)!r} is not a model folder: it has no model_index.json (train one with "
             "'radsynth train' or point --model at a diffusers Stable Diffusion folder)"
         )
+    _read_json_object(path / "model_index.json")
     raw: dict[str, Any] = {}
     if (path / RADSYNTH_JSON).is_file():
-        raw = json.loads((path / RADSYNTH_JSON).read_text())
-    vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    resolution = int(raw.get("resolution") or unet_cfg["sample_size"] * factor)
+        raw = _read_json_object(path / RADSYNTH_JSON)
+    vae_cfg = _read_json_object(path / "vae" / "config.json")
+    unet_cfg = _read_json_object(path / "unet" / "config.json")
+    try:
+        factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        resolution = int(raw.get("resolution") or unet_cfg["sample_size"] * factor)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"model folder {str(path)!r}: vae/unet config.json lack a usable "
+                         f"block_out_channels/sample_size ({exc})") from None
     intensity = raw.get("intensity") or {
         "kind": "png8", "low": 0.0, "high": 255.0, "unit": "", "bits_stored": 8, "modality": "OT"
     }
@@ -237,9 +242,27 @@ def read_model_info(path: str | Path) -> ModelInfo:
     )
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file of a model folder that must hold one object.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: it is not UTF-8 JSON or not an object (naming the file).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} is missing")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"model file {str(path)!r} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"model file {str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _folder_has_text_encoder(path: Path) -> bool:
     """Whether ``model_index.json`` lists a text encoder and tokenizer and both sub-folders exist."""
-    index = json.loads((path / "model_index.json").read_text())
+    index = _read_json_object(path / "model_index.json")
     listed = all(isinstance(index.get(k), list) and index[k][0] is not None for k in ("text_encoder", "tokenizer"))
     return listed and (path / "text_encoder").is_dir() and (path / "tokenizer").is_dir()
 
