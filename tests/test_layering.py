@@ -21,7 +21,7 @@ ALLOWED = {
 GENERATOR_LAYERS = {
     "_utils": set(),
     "manifest": set(),
-    "data": {"_utils"},
+    "data": {"_utils", "manifest"},
     "models": {"_utils"},
     "phantoms": {"manifest"},
     "evaluation": {"_utils"},

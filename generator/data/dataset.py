@@ -43,6 +43,22 @@ _NON_IMAGE_MODALITIES = frozenset({"SEG", "RTDOSE", "RTSTRUCT", "RTPLAN", "REG",
 _IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".ima", ".nii", ".nii.gz")
 
 
+def check_read_options(nifti_axis: int, ct_window: tuple[float, float]) -> tuple[float, float]:
+    """Validate the reading options shared by :func:`load_dataset` and ``prepare``.
+
+    Returns:
+        ``ct_window`` as ``(centre, width)`` floats.
+
+    Raises:
+        ValueError: ``nifti_axis`` not 0, 1 or 2, or ``ct_window`` not (centre, width > 0).
+    """
+    if nifti_axis not in (0, 1, 2):
+        raise ValueError(f"nifti_axis must be 0, 1 or 2, got {nifti_axis!r}")
+    if len(ct_window) != 2 or not float(ct_window[1]) > 0:
+        raise ValueError(f"ct_window must be (centre, width) with width > 0, got {ct_window!r}")
+    return float(ct_window[0]), float(ct_window[1])
+
+
 def load_dataset(
     path: str | Path,
     *,
@@ -107,11 +123,7 @@ def load_dataset(
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
                                    or resolution < 1):
         raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
-    if nifti_axis not in (0, 1, 2):
-        raise ValueError(f"nifti_axis must be 0, 1 or 2, got {nifti_axis!r}")
-    if len(ct_window) != 2 or not float(ct_window[1]) > 0:
-        raise ValueError(f"ct_window must be (centre, width) with width > 0, got {ct_window!r}")
-    ct = (float(ct_window[0]), float(ct_window[1]))
+    ct = check_read_options(nifti_axis, ct_window)
 
     root = Path(path)
     if not root.exists():

@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,7 +54,7 @@ from generator.data.records import IntensityMapping
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "PROGRESS_NAME", "REPORT_NAME", "HEADER_BYTES",
-    "PreparedDataset", "is_prepared", "shard_names", "sha256_file", "atomic_write_bytes", "npy_header",
+    "PreparedDataset", "is_prepared", "shard_names", "sha256_file", "npy_header",
     "quantize", "dequantize", "read_json",
 ]
 
@@ -77,30 +76,6 @@ def shard_names(index: int) -> tuple[str, str, str]:
     """File names of shard ``index``: (images ``.npy``, metadata ``.jsonl``, summary ``.json``)."""
     stem = f"shard-{index:05d}"
     return f"{stem}.npy", f"{stem}.jsonl", f"{stem}.json"
-
-
-def _file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path`` and rename it into place (mode ``0o666 & ~umask``).
-
-    ``generator.data`` may not import ``generator.manifest``; this is its own copy of that writer.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:

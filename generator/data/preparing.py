@@ -45,9 +45,10 @@ from generator.data import readers
 from generator.data.metadata import METADATA_NAMES, iter_metadata_rows, resolve_member, split_fragment
 from generator.data.prepared import (
     FORMAT, FORMAT_VERSION, HEADER_BYTES, MANIFEST_NAME, PROGRESS_NAME, REPORT_NAME, PreparedDataset,
-    atomic_write_bytes, dequantize, npy_header, quantize, read_json, sha256_file, shard_names,
+    dequantize, npy_header, quantize, read_json, sha256_file, shard_names,
 )
 from generator.data.records import ImageRecord, IntensityMapping
+from generator.manifest import atomic_write_bytes
 
 __all__ = ["prepare", "PrepareResult", "SourceChanged", "default_shard_size"]
 
@@ -615,11 +616,7 @@ def prepare(
         shard_size = default_shard_size(resolution)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or not 1 <= shard_size <= 1_000_000:
         raise ValueError(f"shard_size must be an int in [1, 1000000], got {shard_size!r}")
-    if nifti_axis not in (0, 1, 2):
-        raise ValueError(f"nifti_axis must be 0, 1 or 2, got {nifti_axis!r}")
-    if len(ct_window) != 2 or not float(ct_window[1]) > 0:
-        raise ValueError(f"ct_window must be (centre, width) with width > 0, got {ct_window!r}")
-    ct = (float(ct_window[0]), float(ct_window[1]))
+    ct = _ds.check_read_options(nifti_axis, ct_window)
     root = Path(source)
     if not root.exists():
         raise FileNotFoundError(f"data path not found: {root}")
