@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
+from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only", "check_device"]
+__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only", "check_device", "sha256_file"]
 
 T = TypeVar("T", bound=str)
 
@@ -95,3 +97,12 @@ def check_device(device: str) -> str:
     if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise ValueError(f"device {device!r} was asked for but MPS is not available on this machine")
     return str(device)
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file's bytes (read in ``block``-byte pieces)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()

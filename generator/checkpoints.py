@@ -12,7 +12,6 @@ are ever opened. No random-generator state is saved: every draw of the trainer i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,8 @@ from typing import Any, Mapping
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from generator._utils import sha256_file
 
 __all__ = [
     "CHECKPOINT_FORMAT", "STATE_JSON", "TENSOR_FILES", "write_checkpoint", "read_checkpoint_state",
@@ -34,14 +35,6 @@ CHECKPOINT_FORMAT = 1
 STATE_JSON = "state.json"
 #: The only files of a checkpoint that are ever read (besides ``state.json``).
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "ema.safetensors")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def json_plain(value: Any) -> Any:

@@ -27,7 +27,7 @@ GENERATOR_LAYERS = {
     "evaluation": {"_utils"},
     "gallery": {"manifest"},
     "demo": set(),
-    "checkpoints": set(),
+    "checkpoints": {"_utils"},
     "training": {"_utils", "checkpoints", "data", "models", "manifest"},
     "generation": {"_utils", "manifest", "models"},
     "volumes": {"_utils", "data", "manifest", "models", "phantoms"},

@@ -41,7 +41,6 @@ the reader returns ``float32`` ``(R, R)`` images in ``[0, 1]`` (DESIGN.md §3.1 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from generator._utils import sha256_file
 from generator.data.records import IntensityMapping
 
 __all__ = [
@@ -76,15 +76,6 @@ def shard_names(index: int) -> tuple[str, str, str]:
     """File names of shard ``index``: (images ``.npy``, metadata ``.jsonl``, summary ``.json``)."""
     stem = f"shard-{index:05d}"
     return f"{stem}.npy", f"{stem}.jsonl", f"{stem}.json"
-
-
-def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file's bytes (read in ``block``-byte pieces)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def npy_header(dtype: str, count: int, resolution: int) -> bytes:
