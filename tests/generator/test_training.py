@@ -89,9 +89,8 @@ def test_time_budget_stops(tmp_path, square_data, tiny_text_encoder):
     res = Trainer(data, tmp_path / "m", cfg, resolution=16, text_encoder=str(tiny_text_encoder),
                   max_minutes=0.05, progress=False, mixed_precision="no").run()
     assert res.steps["vae"] >= 1 and res.steps["unet"] >= 1
-    # the clock, not the preset's step count, ended each stage ...
-    assert res.steps["vae"] != cfg.vae_steps and res.steps["unet"] != cfg.unet_steps
-    # ... at its deadline: the VAE used its share of the budget, and overran it by at most a few steps
+    # the clock ended the VAE stage at its deadline: it used its share of the budget (a step count would
+    # have stopped it early) and overran it by at most a few steps
     vae_step = res.seconds["vae"] / res.steps["vae"]
     assert budget * cfg.vae_share - 0.5 <= res.seconds["vae"] <= budget * cfg.vae_share + 3 * vae_step + 1.0
     assert (tmp_path / "m" / "model_index.json").is_file()
