@@ -111,7 +111,7 @@ class CopyEmbedder(nn.Module):
         for start in tqdm(
             range(0, len(images), batch_size), desc="embed", disable=not progress, leave=False
         ):
-            x = _to_tensor(images[start : start + batch_size])
+            x = _to_tensor(images[start : start + batch_size]).contiguous(memory_format=torch.channels_last)
             out.append(self(x).numpy())
         self.train(was_training)
         return np.concatenate(out).astype(np.float32)
@@ -136,7 +136,7 @@ class CopyEmbedder(nn.Module):
         model = cls(config)
         model.load_state_dict(load_file(str(path)))
         model.eval()
-        return model
+        return model.to(memory_format=torch.channels_last)
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -277,6 +277,8 @@ def train_embedder(
     with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG is left alone
         torch.manual_seed(config.seed)
         model = CopyEmbedder(config)
+    # channels-last: 1.3-1.7x faster convolutions on CPU (oneDNN), same arithmetic up to rounding
+    model = model.to(memory_format=torch.channels_last)
     data = _to_tensor(images)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     warmup = max(1, config.steps // 10)
@@ -296,7 +298,7 @@ def train_embedder(
         clean = data[idx]
         copy = copy_augment(clean, gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            z = model(torch.cat([clean, copy]))
+            z = model(torch.cat([clean, copy]).contiguous(memory_format=torch.channels_last))
         z = z.float()
         za, zb = z[:bs], z[bs:]
         logits = za @ zb.T / config.temperature
