@@ -48,6 +48,27 @@ def test_shifted_ncc_finds_flipped_and_shifted_copies(make_images):
     assert sims[1, 0] < 0.99
 
 
+def test_shifted_ncc_equals_explicit_windows_and_flat_queries_score_zero(make_images):
+    """The grouped-correlation search agrees with the explicit (materialised) shifted windows."""
+    imgs = make_images(8, size=24, seed=3)
+    m, warps = 2, ((0.0, 1.0), (6.0, 0.95))
+    r_ncc = V.ncc_images(imgs)
+    ref = V.reference_windows(r_ncc, m)
+    q = np.concatenate([imgs[:3], imgs[3:5, :, ::-1], np.full((1, 24, 24), 0.4, np.float32)])
+    q_ncc = V.ncc_images(q)
+    cand = np.tile(np.arange(8), (len(q), 1))
+    cand[0, -1] = -1
+    sims, variant = V.shifted_ncc_max(q_ncc, ref, cand, m, warps=warps, return_argmax=True)
+    windows = V.query_windows(q_ncc, m, flips=True, warps=warps)  # (Q, V, D), explicit
+    full = np.einsum("qvd,qcd->qcv", windows, ref[np.clip(cand, 0, None)])
+    ok = cand >= 0
+    np.testing.assert_allclose(sims[:-1][ok[:-1]], full.max(-1)[:-1][ok[:-1]], atol=1e-5)
+    np.testing.assert_array_equal(variant[:-1][ok[:-1]], full.argmax(-1)[:-1][ok[:-1]])
+    assert np.isneginf(sims[0, -1])
+    assert (sims[-1] == 0.0).all()  # a flat image has no correlation with anything
+    assert (np.abs(sims[np.isfinite(sims)]) <= 1.0).all()
+
+
 def test_phash_identical_and_mirror():
     img = np.zeros((1, 24, 24), np.float32)
     img[0, 4:12, 2:10] = 1.0
