@@ -10,6 +10,8 @@
 - :mod:`generator.volumes.pipeline`: :class:`VolumePipeline`.
 - :mod:`generator.volumes.training`: :class:`VolumeTrainer` (to merge into the shared trainer).
 - :mod:`generator.volumes.previews`: axial/coronal/sagittal preview PNGs.
+- :mod:`generator.volumes.generation`: generation runs into a folder (NIfTI via a writer callable, previews,
+  manifest, resume, privacy gate callable).
 
 Names are imported lazily (``from generator.volumes import load_volumes`` imports only ingest).
 """
@@ -47,6 +49,10 @@ _EXPORTS = {
     "VolumeTrainingData": "generator.volumes.training",
     "preview_image": "generator.volumes.previews",
     "save_preview": "generator.volumes.previews",
+    "VolumeRequest": "generator.volumes.generation",
+    "make_volume_requests": "generator.volumes.generation",
+    "prepare_volume_output": "generator.volumes.generation",
+    "generate_volumes_to_folder": "generator.volumes.generation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,11 @@ Writes an imagefolder: PNG files (16-bit when the model's data had more than 8 b
 metadata.jsonl with one line per image (file_name, text, seed, model hash, sampler, steps,
 guidance_scale, attributes, privacy verdict, export paths). Seeds are per image (base seed +
 index), so the same command gives identical pixels and an interrupted run continues where it
-stopped when started again."""
+stopped when started again.
+
+With a volume model (trained with 'radsynth train --dims 3') it writes one NIfTI volume per sample
+(RAS affine from the model's spacing, HU for CT, JSON sidecar), axial/coronal/sagittal previews under
+previews/, and metadata.jsonl; --format dicom adds one CT/MR image series per volume under dicom/."""
 
 EPILOG = """examples:
   # four images of one finding, with the bundled demo model
@@ -30,6 +34,10 @@ EPILOG = """examples:
 
   # regenerate one image from its manifest line
   radsynth generate --model models/cxr --from-manifest "$(sed -n 3p teach/metadata.jsonl)" --output one/
+
+  # CT volumes from a volume model, also as DICOM series
+  radsynth generate --model models/ct3d --prompt "chest CT, 12 mm nodule in the right upper lobe" \\
+      --num-images 4 --format dicom --modality CT --output ct_synth/
 
   # split across processes (no duplicate seed or file)
   accelerate launch --multi_gpu --num_processes 2 -m radsynth generate --model models/cxr --prompts r.csv --output out/
@@ -93,7 +101,18 @@ def _prompt_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | N
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``radsynth generate``."""
+    """Run ``radsynth generate``.
+
+    A volume model (``radsynth.json`` with ``dims: 3``) takes the 3D branch
+    (:func:`radsynth.commands._volumes.run_generate_3d`): one NIfTI + JSON sidecar, one preview PNG and one
+    manifest line per volume; ``--format dicom`` adds a DICOM image series per volume.
+    """
+    from generator.demo import resolve_model as _resolve
+    from radsynth.commands._volumes import is_volume_model, run_generate_3d
+
+    if is_volume_model(_resolve(args.model)):
+        return run_generate_3d(args, _resolve(args.model), _prompt_rows)
+
     from accelerate import PartialState
 
     from generator._utils import cpu_only

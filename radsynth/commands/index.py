@@ -21,6 +21,7 @@ EPILOG = """examples:
   radsynth index --data data/train --output runs/index
   radsynth index --data data/train --holdout data/val --output runs/index --alpha 0.001
   radsynth index --data data/train --output runs/index --resolution 64 --overwrite
+  radsynth index --data ct_train/ --holdout ct_val/ --output runs/ct_index --alpha 0.05 --spacing 2
 """
 
 
@@ -47,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training steps of the copy-detection embedding (default 200)")
     parser.add_argument("--seed", type=seed, default=0, help="seed for the split and the embedder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing INDEX_DIR")
+    parser.add_argument("--dims", type=int, choices=[2, 3], default=None,
+                        help="2: images, 3: volumes (default: 3 when --data lists 3D NIfTI files or DICOM series)")
+    parser.add_argument("--spacing", default=None, metavar="MM",
+                        help="volumes: resample to this spacing in mm, one number or SLICE,ROW,COLUMN "
+                             "(default: the training volumes' own); --resolution is then the cube side")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -64,7 +70,17 @@ def _resolution(records: list, given: int | None, what: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build, calibrate and save the index; print a summary. Returns 0."""
+    """Build, calibrate and save the index; print a summary. Returns 0.
+
+    A volume folder (``--dims 3``, or detected) takes :func:`radsynth.commands._volumes.run_index_3d`.
+    """
+    from radsynth.commands._volumes import is_volume_folder, run_index_3d
+
+    dims = getattr(args, "dims", None)
+    if dims == 3 or (dims is None and is_volume_folder(args.data)):
+        return run_index_3d(args)
+    if getattr(args, "spacing", None) is not None:
+        raise ValueError(f"--spacing {args.spacing!r} applies to volumes only (--dims 3)")
     from generator.data import load_dataset
     from privacy.embedding import EmbedderConfig
     from privacy.index import ReferenceIndex

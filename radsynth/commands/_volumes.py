@@ -1,0 +1,485 @@
+"""Volume (3D) branches of the verbs: ``train --dims 3``, ``generate`` with a volume model, ``index`` and
+``audit`` on volume folders (issue 10; DESIGN.md §8).
+
+Like :mod:`radsynth.commands._wiring`, this module joins generator, privacy and exporters; the verbs call
+into it (``if args.dims == 3: return run_train_3d(args)``), they do not import each other. Every flag is
+checked before anything is written; a bad one is a ``ValueError`` naming the flag and the value.
+
+Array conventions: volumes are ``(D, H, W)`` in the standard layout of :mod:`generator.volumes.records`
+(RAS+ affine, spacing ``(slice, row, column)`` mm), physical units (HU for CT) in a ``Volume``, the model
+range ``[0, 1]`` for networks and the privacy index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = [
+    "add_volume_train_arguments",
+    "run_train_3d",
+    "is_volume_model",
+    "is_volume_folder",
+    "run_generate_3d",
+    "volume_writer",
+    "volume_privacy_gate",
+    "run_index_3d",
+    "run_audit_3d",
+]
+
+#: Volume sides ``--resolution`` accepts for ``train --dims 3`` (a cube; the preset must divide it).
+MAX_VOLUME_RESOLUTION = 256
+_MAX_SEED = 2**32 - 1
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,
+                  low_open: bool = False) -> None:
+    """``value`` (when given) finite and in ``[low, high]`` (``(low, high]`` with ``low_open``).
+
+    Raises:
+        ValueError: naming ``flag`` and the value.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"{flag} must be a number, got {value!r}")
+    if isinstance(value, int):
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be an integer in [{int(low)}, {int(high)}], got {value}")
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise ValueError(f"{flag} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
+
+
+def _spacing(text: Any, flag: str = "--spacing") -> tuple[float, float, float] | None:
+    """``--spacing MM`` or ``"S,R,C"`` -> ``(slice, row, column)`` mm, or ``None``.
+
+    Raises:
+        ValueError: naming the flag and the value.
+    """
+    from generator.volumes.geometry import parse_spacing
+
+    try:
+        return parse_spacing(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be 1 or 3 positive numbers in mm (e.g. 2 or 3,1.5,1.5), got {text!r}") from None
+
+
+def is_volume_model(path: str | Path) -> bool:
+    """Whether ``path`` is a model folder whose ``radsynth.json`` says ``dims: 3``."""
+    try:
+        info = json.loads((Path(path) / "radsynth.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("dims") == 3
+
+
+def is_volume_folder(path: str | Path) -> bool:
+    """Whether a data folder lists volumes: its metadata's first ``file_name`` is a 3D NIfTI file (every
+    axis longer than 1) or a DICOM series folder."""
+    from generator.data.metadata import METADATA_NAMES, read_metadata_rows
+
+    root = Path(path)
+    metas = [root / n for n in METADATA_NAMES if (root / n).is_file()]
+    if not root.is_dir() or not metas:
+        return False
+    try:
+        rows = read_metadata_rows(metas[0])
+    except ValueError:
+        return False
+    name = str(rows[0].get("file_name") or "") if rows else ""
+    member = root / name
+    if name and member.is_dir():
+        return True
+    if name.lower().endswith((".nii", ".nii.gz")) and member.is_file():
+        import nibabel as nib
+
+        try:
+            shape = nib.load(str(member)).shape
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader, not here
+            return False
+        return len(shape) >= 3 and min(shape[:3]) > 1
+    return False
+
+
+def _intensity_window(mapping: dict[str, Any]) -> tuple[float, float] | None:
+    """The CT window ``(low, high)`` HU of a ``ct_window`` mapping, else ``None``."""
+    if str(mapping.get("kind")) == "ct_window":
+        return float(mapping["low"]), float(mapping["high"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------ train
+def add_volume_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags ``radsynth train`` needs for volumes beyond the 2D ones: ``--dims`` and ``--spacing``.
+
+    ``--resolution`` is the cube side (16, 32, 64: a multiple of what the preset's VAE and UNet halve);
+    ``--preset`` is ``tiny`` or ``small`` for volumes.
+    """
+    parser.add_argument("--dims", type=int, choices=[2, 3], default=2,
+                        help="2 (default): images; 3: volumes (NIfTI files or DICOM series listed in metadata.jsonl)")
+    parser.add_argument("--spacing", default=None, metavar="MM",
+                        help="--dims 3: resample volumes to this spacing in mm, one number (isotropic) or "
+                             "SLICE,ROW,COLUMN (default: keep the files' own, which must then agree)")
+
+
+def _prepare_model_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a model folder unless asked (the rule of ``radsynth train``).
+
+    Raises:
+        ValueError: both flags.
+        FileExistsError: a non-empty folder and neither flag, or a file.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {str(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if overwrite:
+            shutil.rmtree(output)
+        elif not resume:
+            raise FileExistsError(f"--output {str(output)!r} is not empty: pass --resume to continue its training "
+                                  "or --overwrite to replace it")
+
+
+def run_train_3d(args: argparse.Namespace) -> int:
+    """``radsynth train --dims 3``: a volume folder -> a volume model folder (:class:`VolumeTrainer`).
+
+    Reads ``data``, ``output``, ``resolution``, ``preset``, ``spacing``, ``max_minutes``, ``max_steps``
+    (upper bound of the steps of each stage: VAE default 200, UNet 1000), ``seed``, ``learning_rate``
+    (UNet), ``checkpoint_every``, ``prediction_type``, ``text_encoder``, ``resume``, ``overwrite``,
+    ``keep_checkpoints``, ``quiet``; refuses 2D-only flags that would be silently ignored.
+
+    Raises:
+        ValueError: a bad or unsupported flag (named), or a data folder without usable volumes.
+        FileExistsError: a non-empty ``--output`` without ``--resume``/``--overwrite``.
+    """
+    from dataclasses import replace
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags added by train.py
+    for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
+                            ("--label-text", "label_text", bool),
+                            ("--reports-csv", "reports_csv", lambda v: v is not None),
+                            ("--gradient-accumulation-steps", "gradient_accumulation_steps", lambda v: v not in (None, 1)),
+                            ("--mixed-precision", "mixed_precision", lambda v: v in ("fp16", "bf16"))):
+        value = get(name)
+        if bad(value):
+            raise ValueError(f"{flag} {value!r} is not supported with --dims 3 (volumes train in float32, "
+                             "from scratch, on NIfTI/DICOM series with their own texts)")
+    _check_number("--max-minutes", get("max_minutes"), low=0.0, high=1e6, low_open=True)
+    _check_number("--max-steps", get("max_steps"), low=1, high=10**9)
+    _check_number("--seed", get("seed", 0), low=0, high=_MAX_SEED)
+    _check_number("--learning-rate", get("learning_rate"), low=0.0, high=1.0, low_open=True)
+    _check_number("--checkpoint-every", get("checkpoint_every"), low=1, high=10**9)
+    resolution = get("resolution", 32)
+    _check_number("--resolution", resolution, low=8, high=MAX_VOLUME_RESOLUTION)
+    spacing = _spacing(get("spacing"))
+
+    from generator.volumes.models import get_volume_preset
+    from generator.volumes.training import VolumeTrainConfig
+
+    preset_name = get("preset") or "small"
+    try:
+        config = get_volume_preset(preset_name)
+    except ValueError as exc:
+        raise ValueError(f"--preset {preset_name!r} is not a volume preset ({' '.join(str(exc).split())})") from None
+    if get("prediction_type"):
+        config = replace(config, prediction_type=get("prediction_type"))
+    try:
+        config.latent_shape((resolution,) * 3)
+    except ValueError:
+        need = config.vae_factor * 2 ** (len(config.unet_channels) - 1)
+        raise ValueError(f"--resolution must be a multiple of {need} for volume preset {preset_name!r} "
+                         f"(e.g. {need * 4} or {need * 8}), got {resolution}") from None
+    defaults = VolumeTrainConfig()
+    steps = get("max_steps")
+    train_kwargs: dict[str, Any] = {
+        "seed": int(get("seed", 0)), "max_minutes": get("max_minutes"),
+        "vae_steps": defaults.vae_steps if steps is None else min(defaults.vae_steps, int(steps)),
+        "unet_steps": defaults.unet_steps if steps is None else min(defaults.unet_steps, int(steps)),
+    }
+    if get("learning_rate") is not None:
+        train_kwargs["unet_lr"] = float(get("learning_rate"))
+    if get("checkpoint_every") is not None:
+        train_kwargs["checkpoint_every"] = int(get("checkpoint_every"))
+    train_config = VolumeTrainConfig(**train_kwargs)
+    data_dir = Path(get("data"))
+    if not data_dir.is_dir():
+        raise ValueError(f"--data {str(data_dir)!r}: --dims 3 needs a folder of volumes with metadata.jsonl")
+    output = Path(get("output"))
+    _prepare_model_output(output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
+
+    from generator.volumes.ingest import load_volumes
+    from generator.volumes.training import VolumeTrainer, VolumeTrainingData
+
+    res = load_volumes(data_dir, spacing=spacing, shape=resolution)
+    if not res.records:
+        raise ValueError(f"--data {str(data_dir)!r}: no usable volumes ({res.summary})")
+    for skipped in res.skipped[:5]:
+        print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    try:
+        data = VolumeTrainingData.from_ingest(res)
+    except ValueError as exc:
+        raise ValueError(f"--data {str(data_dir)!r}: {exc}; pass --spacing MM to resample them to one grid") from None
+    quiet = bool(get("quiet"))
+    if not quiet:
+        print(f"{res.summary}; training {data.volumes.shape[0]} volumes of {data.shape} at {data.spacing} mm "
+              f"(preset {preset_name})", flush=True)
+    result = VolumeTrainer(data, output, config, train_config, text_encoder=get("text_encoder"),
+                           resume=bool(get("resume")), progress=not quiet).run()
+    if result.finished and not get("keep_checkpoints"):
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
+    print(f"volume model written to {output} (VAE steps {result.vae_step}, UNet steps {result.unet_step}, "
+          f"loss vae {result.vae_loss:.4f} unet {result.unet_loss:.4f}, {result.seconds:.0f} s); "
+          f"log: {output / 'train_log.csv'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ generate
+def volume_writer(output: Path, info: dict[str, Any], formats: set[str], *, modality: str | None = None,
+                  images_per_study: int = 1) -> Callable[[Any, dict[str, Any]], dict[str, Any]]:
+    """The ``write_volume`` of :func:`generator.volumes.generation.generate_volumes_to_folder`: the exporters'
+    NIfTI writer (RAS affine from the volume's geometry, qform = sform, HU with explicit scl_slope 1 /
+    scl_inter 0, ``descrip`` SYNTHETIC, JSON sidecar) into ``output``, and with ``dicom`` in ``formats``
+    one CT/MR image series per volume under ``output/dicom``.
+
+    Raises:
+        ValueError: a DICOM modality other than CT or MR.
+    """
+    from exporters import DicomExporter, NiftiExporter
+    from exporters.files import clean_stale_temps
+
+    from radsynth import __version__
+
+    model_modality = str(info.get("modality") or "CT").upper()
+    mod = (modality or model_modality).upper()
+    if mod not in ("CT", "MR"):
+        raise ValueError(f"--modality must be CT or MR for volumes, got {modality!r}")
+    common = {"software_name": "RadSynth", "software_version": __version__, "overwrite": True,
+              "intensity": info.get("intensity")}
+    clean_stale_temps(output)
+    nifti = NiftiExporter(output, model_modality if model_modality in ("CT", "MR") else mod, **common)
+    dicom = None
+    if "dicom" in formats:
+        clean_stale_temps(output / "dicom")
+        dicom = DicomExporter(output / "dicom", mod, images_per_study=images_per_study, **common)
+
+    def write(volume: Any, line: dict[str, Any]) -> dict[str, Any]:
+        unit = volume.to_model()
+        geo = {"orientation": volume.lps_orientation(), "origin": volume.lps_origin()}
+        paths = nifti.add_volume(unit, line, volume.spacing, **geo)
+        extra = {"nifti_sidecar": paths[1].relative_to(output).as_posix()}
+        if dicom is not None:
+            files = dicom.add_volume(unit, line, volume.spacing, **geo)
+            extra["dicom_files"] = [p.relative_to(output).as_posix() for p in files]
+            extra["dicom_file"] = extra["dicom_files"][0]
+        return extra
+
+    return write
+
+
+def volume_privacy_gate(index_dir: str | Path, info: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
+    """A 3D privacy gate from a volume index folder for a volume model (``generate --privacy-index``).
+
+    Raises:
+        ValueError: a 2D index, or an index on another grid (shape or spacing) than the model's.
+    """
+    import numpy as np
+
+    from privacy.volumes import VolumeIndex, is_volume_index
+
+    if not is_volume_index(index_dir):
+        raise ValueError(f"--privacy-index {str(index_dir)!r} is not a volume index: build one with "
+                         "'radsynth index --data VOLUMES ...' for a volume model")
+    index = VolumeIndex.load(index_dir)
+    shape, spacing = tuple(int(s) for s in info["shape"]), tuple(float(s) for s in info["spacing"])
+    if shape != index.shape or not np.allclose(spacing, index.spacing, atol=1e-3):
+        raise ValueError(f"--privacy-index was built on {index.shape} voxels at {index.spacing} mm but the model makes "
+                         f"{shape} at {spacing} mm: rebuild it with --resolution {shape[0]} --spacing "
+                         f"{','.join(f'{s:g}' for s in spacing)}")
+    model_map, index_map = dict(info["intensity"]), dict(index.intensity)
+
+    def check(volumes: Any) -> list[dict[str, Any]]:
+        v = np.asarray(volumes, dtype=np.float64)
+        if index_map and (index_map.get("low"), index_map.get("high")) != (model_map.get("low"), model_map.get("high")):
+            phys = model_map["low"] + v * (model_map["high"] - model_map["low"])
+            v = np.clip((phys - index_map["low"]) / (index_map["high"] - index_map["low"]), 0.0, 1.0)
+        return [x.manifest_fields() for x in index.check(v.astype(np.float32))]
+
+    return check
+
+
+def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
+                    prompt_rows: Callable[[argparse.Namespace], list]) -> int:
+    """``radsynth generate`` with a volume model: one NIfTI (+ sidecar) per volume, a preview PNG, a
+    ``metadata.jsonl`` line; with ``--format dicom`` also a DICOM series; resumable; privacy-gated with a
+    volume ``--privacy-index``.
+
+    Raises:
+        ValueError: a flag volumes do not support (named) or a bad value.
+    """
+    from generator.models.samplers import make_sampler
+    from generator.volumes.generation import (
+        generate_volumes_to_folder,
+        make_volume_requests,
+        prepare_volume_output,
+    )
+    from generator.volumes.model_folder import read_volume_info
+    from generator.volumes.pipeline import VolumePipeline
+    from diffusers import DDPMScheduler
+
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    for flag, name in (("--from-manifest", "from_manifest"), ("--grid", "grid")):
+        if get(name) is not None:
+            raise ValueError(f"{flag} is not supported for volume models yet")
+    if get("precision") in ("bf16", "fp16"):
+        raise ValueError(f"--precision {get('precision')} is not supported for volume models (they sample in float32)")
+    _check_number("--steps", get("steps"), low=1, high=1000)
+    _check_number("--guidance-scale", get("guidance_scale"), low=0.0, high=100.0)
+    formats = set(get("format") or ["png"])
+    modality = get("modality")
+    if modality is not None and modality.upper() not in ("CT", "MR"):
+        raise ValueError(f"--modality must be CT or MR for volumes, got {modality!r}")
+    try:
+        make_sampler(args.sampler, DDPMScheduler())
+    except ValueError as exc:
+        raise ValueError(f"--sampler {args.sampler!r}: {exc}") from None
+    rows = prompt_rows(args)
+    info = read_volume_info(model_path)
+    device = get("device") or "cpu"
+    pipe = VolumePipeline.from_pretrained(model_path, text_encoder=get("text_encoder"), device=device)
+    requests = make_volume_requests(rows, int(get("seed", 0)))
+    gate = volume_privacy_gate(args.privacy_index, info) if get("privacy_index") else None
+    output = Path(get("output"))
+    settings = {"model": info.get("model_hash"), "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "sampler": str(args.sampler), "negative_prompt": get("negative_prompt"), "formats": sorted(formats),
+                "modality": modality, "privacy_index": None if gate is None else Path(args.privacy_index).name,
+                "max_resample": get("max_resample", 3)}
+    prepare_volume_output(output, settings, requests, overwrite=bool(get("overwrite")))
+    writer = volume_writer(output, info, formats, modality=modality, images_per_study=int(get("images_per_study", 1)))
+    summary = generate_volumes_to_folder(
+        pipe, info, requests, output, writer, steps=args.steps, guidance_scale=args.guidance_scale,
+        sampler=str(args.sampler), negative_prompt=get("negative_prompt"), batch_size=int(get("batch_size", 4)),
+        gate=gate, max_resample=int(get("max_resample", 3)), progress=not get("quiet"))
+    from generator.manifest import sort_manifest
+
+    sort_manifest(output)
+    print(f"{summary.written} volumes written, {summary.skipped_done} already done, {summary.resampled} resampled by "
+          f"the privacy gate, {summary.rejected} dropped after {get('max_resample', 3)} attempts -> {output} "
+          f"(NIfTI + previews/{' + dicom/' if 'dicom' in formats else ''})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ index / audit
+def _load_volume_stack(folder: Path, flag: str, *, spacing: Any, shape: Any, ct_window: tuple[float, float] | None):
+    """``load_volumes`` of ``folder`` on one grid; ValueError naming ``flag`` when nothing is usable."""
+    from generator.volumes.ingest import load_volumes
+
+    kwargs = {"ct_window": ct_window} if ct_window is not None else {}
+    res = load_volumes(folder, spacing=spacing, shape=shape, **kwargs)
+    if not res.records:
+        raise ValueError(f"{flag} {str(folder)!r}: no usable volumes ({res.summary})")
+    for skipped in res.skipped[:5]:
+        print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    shapes = {r.shape for r in res.records}
+    spacings = {tuple(round(s, 4) for s in r.spacing) for r in res.records}
+    if len(shapes) > 1 or len(spacings) > 1:
+        raise ValueError(f"{flag} {str(folder)!r}: volumes on {len(shapes)} shapes and {len(spacings)} spacings; pass "
+                         "--resolution N and --spacing MM to bring them onto one grid")
+    return res
+
+
+def run_index_3d(args: argparse.Namespace) -> int:
+    """``radsynth index`` on a folder of volumes: a calibrated :class:`privacy.volumes.VolumeIndex`.
+
+    Raises:
+        ValueError: bad flags, unusable volumes, or a held-out set too small for ``--alpha``.
+        FileExistsError: ``--output`` exists without ``--overwrite``.
+    """
+    from privacy.volumes import VolumeIndex
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
+    spacing = _spacing(getattr(args, "spacing", None))
+    train = _load_volume_stack(Path(args.data), "--data", spacing=spacing, shape=args.resolution, ct_window=None)
+    first = train.records[0]
+    kwargs: dict[str, Any] = {}
+    if args.holdout is not None:
+        hold = _load_volume_stack(Path(args.holdout), "--holdout", spacing=first.spacing, shape=first.shape,
+                                  ct_window=_intensity_window(first.intensity.to_dict()))
+        kwargs = {"holdout_volumes": hold.stack(), "holdout_ids": [f"holdout:{r.file_name}" for r in hold.records],
+                  "holdout_patient_ids": [r.patient_id for r in hold.records]}
+    index = VolumeIndex.build(
+        train.stack(), [r.file_name for r in train.records], [r.patient_id for r in train.records],
+        spacing=first.spacing, alpha=args.alpha, review_alpha=max(args.review_alpha, args.alpha),
+        holdout_fraction=args.holdout_fraction, seed=args.seed, intensity=first.intensity.to_dict(),
+        holdout_name="--holdout " + str(args.holdout) if args.holdout is not None else "the held-out split of --data",
+        info={"data": Path(args.data).name, "holdout_dir": None if args.holdout is None else Path(args.holdout).name,
+              "data_fingerprint": train.fingerprint()},
+        **kwargs,
+    )
+    index.save(output, overwrite=args.overwrite)
+    h = index.holdout
+    print(f"volume reference index: {len(index.ids)} training volumes of {index.shape} at "
+          f"{tuple(round(s, 3) for s in index.spacing)} mm -> {output}")
+    print(f"calibration: {h['source']}; null from {h['n_null']} held-out volumes; excluded: "
+          f"{len(h['excluded_same_patient'])} sharing a patient, {len(h['excluded_duplicates'])} near-duplicates")
+    for warning in h.get("warnings", []):
+        print(f"  warning: {warning}", file=sys.stderr)
+    print(f"thresholds at alpha={args.alpha:g}: " + ", ".join(f"{k} {v:.4f}" for k, v in index.thresholds().items()))
+    print(f"NOTE: {output} contains training-derived data (see its README.md); keep it with the training data, "
+          "never inside a model folder or a synthetic dataset.")
+    return 0
+
+
+def run_audit_3d(args: argparse.Namespace) -> int:
+    """``radsynth audit`` with a volume index: verdicts for every volume of ``--synthetic`` (resampled to
+    the index grid), added to its ``metadata.jsonl``; summary printed and, with ``--json``, written.
+
+    Raises:
+        ValueError: ``--html`` (not available for volumes yet), an empty or unusable folder.
+    """
+    from generator.manifest import update_fields
+    from privacy.report import write_json
+    from privacy.volumes import VolumeIndex, audit_volumes
+
+    if getattr(args, "html", None):
+        raise ValueError("--html is not available for volume audits yet; use --json")
+    index = VolumeIndex.load(args.index)
+    folder = Path(args.synthetic)
+    data = _load_volume_stack(folder, "--synthetic", spacing=index.spacing, shape=index.shape,
+                              ct_window=_intensity_window(dict(index.intensity)))
+    names = [r.file_name for r in data.records]
+    result = audit_volumes(index, data.stack(), names, alpha=getattr(args, "alpha", None),
+                           self_test=not getattr(args, "no_self_test", False))
+    s = result.summary
+    n_updated = 0
+    if (folder / "metadata.jsonl").is_file():
+        n_updated = update_fields(folder, {v.file_name: v.manifest_fields() for v in result.images})
+    if getattr(args, "json", None):
+        write_json(result, args.json)
+    c = s["counts"]
+    print(f"audited {s['n_images']} volumes against {s['n_references']} training volumes of {tuple(s['shape'])}")
+    print(f"  keep {c['keep']}, review {c['review']}, reject {c['reject']} (copy rate {s['copy_rate']:.4f}; "
+          f"expected by chance at alpha={s['alpha']:g}: {s['expected_chance_flags']['reject']:.2f})")
+    print(f"  training volumes copied: {s['training_images_copied']} "
+          f"({100 * s['share_training_images_copied']:.2f}% of the training set)")
+    print(f"  calibration: {s['holdout'].get('source')}")
+    if "self_test" in s:
+        print("  planted-copy self-test (share rejected): " + ", ".join(f"{k} {v:.2f}" for k, v in s["self_test"].items()))
+    if (folder / "metadata.jsonl").is_file():
+        print(f"  verdict fields added to {n_updated} lines of {folder / 'metadata.jsonl'}")
+    if getattr(args, "json", None):
+        print(f"  wrote {args.json}")
+    print(s["statement"])
+    return 0
