@@ -5,7 +5,7 @@ The phantoms it was trained on are rebuilt by :func:`generator.phantoms.phantom_
 
 from __future__ import annotations
 
-__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "bundled_model_path", "resolve_model"]
+__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "DEMO_EMBEDDER_FILE", "bundled_model_path", "resolve_model"]
 
 from pathlib import Path
 
@@ -13,6 +13,11 @@ from pathlib import Path
 #: rebuilds the same phantoms from these settings to audit samples against the training data.
 DEMO_TRAINING = {"num_images": 3000, "size": 64, "seed": 0, "guidance_scale": 3.0}
 
+
+#: The privacy copy-embedder trained on the demo model's training phantoms, shipped in the model
+#: folder (``scripts/train_demo_model.py`` writes it) so that the demo's index build need not train it.
+#: Its safetensors metadata names the phantom set (``num_images``, ``size``, ``seed``) it was trained on.
+DEMO_EMBEDDER_FILE = "privacy_embedder.safetensors"
 
 #: Where the demo model lives inside the package.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"

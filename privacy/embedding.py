@@ -14,7 +14,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from privacy._files import current_umask
 
 #: Side of the images the embedder sees.
 EMBED_SIZE = 32
@@ -116,12 +118,44 @@ class CopyEmbedder(nn.Module):
         self.train(was_training)
         return np.concatenate(out).astype(np.float32)
 
-    def save(self, path: str | Path) -> None:
-        """Write weights (safetensors) with the config in the metadata."""
+    def save(self, path: str | Path, metadata: Mapping[str, Any] | None = None) -> None:
+        """Write weights (safetensors) with the config in the metadata.
+
+        Args:
+            path: File to write (written to a temporary name, then renamed).
+            metadata: Extra JSON-able provenance stored beside the config (read it back with
+                :meth:`read_metadata`), e.g. what the embedder was trained on.
+        """
         import json
+        import os
 
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"config": json.dumps(asdict(self.config))})
+        meta = {"config": json.dumps(asdict(self.config))}
+        if metadata:
+            meta["provenance"] = json.dumps(dict(metadata), sort_keys=True)
+        path = Path(path)
+        tmp = path.with_name(f".tmp-{path.name}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors creates files private (0o600)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read_metadata(path: str | Path) -> dict[str, Any]:
+        """The ``metadata`` given to :meth:`save` (``{}`` when none).
+
+        Raises:
+            ValueError: the file is not a safetensors file or its provenance is not JSON.
+        """
+        import json
+
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            return dict(json.loads(meta.get("provenance", "{}")))
+        except (SafetensorError, OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{str(path)!r} is not a readable embedder file: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "CopyEmbedder":

@@ -48,6 +48,7 @@ from safetensors.numpy import save_file as save_np
 
 from privacy import views as V
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
+from privacy._files import current_umask
 from privacy.embedding import CopyEmbedder, EmbedderConfig, config_dict, train_embedder
 from privacy.search import SearchIndex, topk_search
 
@@ -807,7 +808,7 @@ class ReferenceIndex:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~current_umask())
             save_np(
                 {
                     "images": np.asarray(self.images, dtype=np.float16),
@@ -857,7 +858,7 @@ class ReferenceIndex:
                     holdout=self.holdout.get("source", "unknown"),
                 )
             )
-            file_mode = 0o666 & ~_umask()
+            file_mode = 0o666 & ~current_umask()
             for p in tmp.iterdir():
                 os.chmod(p, file_mode)
             if directory.exists():
@@ -967,11 +968,6 @@ class ReferenceIndex:
         return replace(self, info={**self.info, **info})
 
 
-def _umask() -> int:
-    """The process umask (read without changing it for longer than a call)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _self_similar_share(feats: _ReferenceFeatures, leak_threshold: float, seed: int, sample: int = 256) -> float:

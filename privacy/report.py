@@ -19,14 +19,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from privacy._files import current_umask
 from privacy.audit import VERDICTS, AuditResult, ImageVerdict, Verdict
 from privacy.index import ReferenceIndex
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -41,7 +38,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

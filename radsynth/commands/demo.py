@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -57,13 +58,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def shipped_embedder(model_dir: Path, phantoms: dict[str, int]) -> Any:
+    """The copy embedder shipped in ``model_dir`` when it was trained on exactly these ``phantoms``
+    (``num_images``, ``size``, ``seed``), else ``None`` (the index build trains one).
+
+    Any embedder keeps the index valid (calibration on held-out phantoms sets the thresholds); a
+    shipped one trained on the same phantoms gives the power of a freshly trained one without its
+    training time.
+    """
+    from generator.demo import DEMO_EMBEDDER_FILE
+    from privacy.embedding import CopyEmbedder
+
+    path = model_dir / DEMO_EMBEDDER_FILE
+    if not path.is_file():
+        return None
+    try:
+        if CopyEmbedder.read_metadata(path).get("phantoms") != phantoms:
+            return None
+        return CopyEmbedder.load(path)
+    except (ValueError, RuntimeError, OSError):
+        return None  # damaged or foreign: train one instead
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth demo``."""
     import numpy as np
     from tqdm.auto import tqdm
 
     from conditioning.prompts import build_prompt
-    from generator.demo import DEMO_TRAINING, resolve_model
+    from generator.demo import DEMO_EMBEDDER_FILE, DEMO_TRAINING, resolve_model
     from generator.generation import check_sampling_settings, generate_to_folder, make_requests, prepare_output
     from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
     from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
@@ -104,12 +127,18 @@ def run(args: argparse.Namespace) -> int:
         #    phantoms drawn with another seed that the model never saw.
         bar.set_postfix_str("indexing the training phantoms")
         n_ref = args.reference_images or int(demo_cfg["num_images"])
-        ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]))
-        hold = phantom_reference_set(max(200, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1)
+        workers = max(1, min(2, os.cpu_count() or 1))
+        ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]), workers=workers)
+        hold = phantom_reference_set(max(200, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1,
+                                     workers=workers)
+        phantoms = {"num_images": n_ref, "size": info.resolution, "seed": int(demo_cfg["seed"])}
+        embedder = shipped_embedder(Path(info.path), phantoms)
         index = ReferenceIndex.build(
             ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
             holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,
-            embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS),
+            embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS), embedder=embedder,
+            info={"embedder_source": f"{DEMO_EMBEDDER_FILE} of the model folder" if embedder is not None
+                  else f"trained now ({DEMO_EMBEDDER_STEPS} steps)"},
         )
         index_dir = out / "privacy_index"
         index.save(index_dir)
