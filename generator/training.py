@@ -5,13 +5,30 @@ prompt dropout, paraphrase choice) comes from a generator seeded by ``(seed, sta
 Together with the model, optimizer, learning-rate and EMA state in a checkpoint, a run resumed from a
 checkpoint continues exactly as the uninterrupted run would have.
 
+Data: the trainer reads images through :class:`generator.data.prepared.TrainingImages`, either an
+:class:`IngestResult` in memory (wrapped as :class:`InMemoryImages`) or a :class:`PreparedDataset` on disk
+(flat memory in the number of images). VAE batches come from a ``torch.utils.data.DataLoader`` (optionally
+with worker processes) whose sampler yields, per step, the indices drawn from that step's generator;
+the workers only read (and, with ``augment``, augment) pixels, so results do not depend on their number.
+The UNet stage reads posterior rows from a memory-mapped latent cache on disk.
+
 The training workspace is ``<output>/checkpoints``; it is removed when the model folder has been
-written, unless ``keep_checkpoints`` is set. It holds safetensors and JSON only, never pickles (a
-checkpoint folder may come from someone else, and loading must not run code) and never pixels::
+written, unless ``keep_checkpoints`` is set. Its checkpoints hold safetensors and JSON only, never
+pickles (a checkpoint folder may come from someone else, and loading must not run code); the latent
+cache is plain ``.npy`` (read without pickle) and the only place derived from pixels, besides a
+``prepared/`` dataset that ``radsynth train --stream-from-disk`` writes there::
 
     checkpoints/
       run.json                 what must match on resume: config, resolution, seed, data fingerprint,
-                               text encoder hash, mixed precision, gradient accumulation, init_from hash
+                               text encoder hash, mixed precision, gradient accumulation, init_from hash,
+                               augmentation settings
+      latents-mean.npy         (N, C, h, w) float32 posterior means of every image (unscaled latents),
+      latents-std.npy          and standard deviations; memory-mapped by the UNet stage
+      latents.json             written last: the VAE weights' and the data's SHA-256, shape, latent std;
+                               a resumed run reuses the cache when they match
+      text-embeds.npy          (T, L, H) float16 hidden states of the T distinct prompt texts (memory-mapped)
+      prepared/                (``--stream-from-disk`` only) the prepared copy of a raw source; kept by
+                               a fresh start, resumed by ``--resume``
       unet-500/                one folder per checkpoint, ``<stage>-<step>`` (only the latest is kept;
                                a stage's step checkpoints go once the stage is final)
         model.safetensors      weights of the network being trained (float32 state_dict)
@@ -71,6 +88,9 @@ from generator.checkpoints import (
     write_checkpoint,
 )
 from generator.data import IngestResult
+from generator.data.augment import Augment
+from generator.data.prepared import BatchReader, InMemoryImages, PreparedDataset, TrainingImages
+from generator.manifest import atomic_write_text
 from generator.models.build import build_noise_scheduler, build_unet, build_vae
 from generator.models.config import TrainConfig
 from generator.models.model_folder import (
@@ -96,6 +116,10 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
 _RUN_JSON = "run.json"
+#: Sub-folder of the workspace that holds a prepared copy of a raw source (``--stream-from-disk``).
+PREPARED_DIR = "prepared"
+_LATENTS_JSON = "latents.json"
+_LATENT_CHUNK = 64  # images per VAE forward when caching latents
 _MAX_SEED = 2**32 - 1
 
 
@@ -182,6 +206,104 @@ def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
     return fn
 
 
+class _StepBatches:
+    """Sampler of a DataLoader over a :class:`BatchReader`: from ``first_step`` on, yields per step the key
+    ``(indices, augment_seed)`` whose indices are the first draw of ``_step_generator(seed, stage, step,
+    rank)`` (``torch.randint(0, n, (batch,))``) and whose augmentation seed (only with ``augment``) is the
+    next draw. The training loop repeats the same draws on its own generator, so its later draws (noise,
+    timesteps) are those of a run without a loader. Unbounded: the training loop decides when to stop."""
+
+    def __init__(self, seed: int, stage: str, rank: int, first_step: int, n: int, batch: int, augment: bool) -> None:
+        self.seed, self.stage, self.rank, self.first_step = seed, stage, rank, first_step
+        self.n, self.batch, self.augment = n, batch, augment
+
+    def __iter__(self) -> Any:
+        step = self.first_step
+        while True:
+            g = _step_generator(self.seed, self.stage, step, self.rank)
+            yield _draw_batch(g, self.n, self.batch, self.augment)
+            step += 1
+
+
+def _draw_batch(g: torch.Generator, n: int, batch: int, augment: bool) -> tuple[tuple[int, ...], int | None]:
+    """The batch draws of a step: ``batch`` indices in ``[0, n)`` and, with ``augment``, a seed in
+    ``[0, 2**62)``; advances ``g`` past them."""
+    idx = torch.randint(0, n, (batch,), generator=g)
+    aug = int(torch.randint(0, 2**62, (1,), generator=g)) if augment else None
+    return tuple(int(i) for i in idx), aug
+
+
+class _Sequential:
+    """Sampler yielding ``(range(i, i + chunk), None)`` keys over ``n`` images (latent caching)."""
+
+    def __init__(self, n: int, chunk: int) -> None:
+        self.n, self.chunk = n, chunk
+
+    def __iter__(self) -> Any:
+        for i in range(0, self.n, self.chunk):
+            yield tuple(range(i, min(i + self.chunk, self.n))), None
+
+
+class LatentCache:
+    """The VAE posterior of every training image on disk: ``latents-mean.npy`` and ``latents-std.npy``,
+    each ``(N, C, h, w)`` float32 (unscaled latents), in ``folder``.
+
+    :meth:`rows` opens both files as read-only memory maps for each call and copies the requested
+    rows out, so the resident memory of a training process does not grow with ``N`` (no page of the
+    maps stays mapped between steps).
+
+    Attributes:
+        folder: Where the files are.
+        shape: ``(N, C, h, w)``.
+        std: Standard deviation of all posterior means (sets the VAE's latent scaling factor).
+    """
+
+    MEAN, STD = "latents-mean.npy", "latents-std.npy"
+
+    def __init__(self, folder: Path, shape: tuple[int, ...], std: float) -> None:
+        self.folder, self.shape, self.std = Path(folder), tuple(int(v) for v in shape), float(std)
+
+    def open(self) -> tuple[np.ndarray, np.ndarray]:
+        """Both files as read-only ``np.memmap`` arrays (no pickle is ever loaded).
+
+        Raises:
+            ValueError: a file is missing, not float32 or not of :attr:`shape` (naming it).
+        """
+        out = []
+        for name in (self.MEAN, self.STD):
+            path = self.folder / name
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"latent cache {str(path)!r} is unreadable ({exc})") from None
+            if arr.dtype != np.float32 or arr.shape != self.shape:
+                raise ValueError(f"latent cache {str(path)!r} holds {arr.dtype} {arr.shape}, expected "
+                                 f"float32 {self.shape}")
+            out.append(arr)
+        return out[0], out[1]
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior means and stds of images ``idx`` (``(B,)`` int64): two ``(B, C, h, w)`` float32 tensors."""
+        mean, std = self.open()
+        i = idx.numpy()
+        return torch.from_numpy(np.array(mean[i])), torch.from_numpy(np.array(std[i]))
+
+
+class TextEmbeddings:
+    """Hidden states of every distinct prompt text on disk, ``(T, L, H)`` float16 (``text-embeds.npy``);
+    like :class:`LatentCache`, rows are read through a memory map opened per call (flat memory in T)."""
+
+    NAME = "text-embeds.npy"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def rows(self, ids: list[int]) -> torch.Tensor:
+        """Embeddings of texts ``ids``: ``(B, L, H)`` float16."""
+        arr = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return torch.from_numpy(np.array(arr[np.asarray(ids, dtype=np.int64)]))
+
+
 def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of ``(B, C, H, W)`` images in ``[-1, 1]`` (7x7 uniform window)."""
     c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
@@ -245,13 +367,15 @@ class _Log:
 
 # ---------------------------------------------------------------------- checkpoint files
 class Trainer:
-    """Trains a RadSynth model folder from an :class:`IngestResult`.
+    """Trains a RadSynth model folder from an :class:`IngestResult` or a :class:`PreparedDataset`.
 
     The object is complete once constructed: arguments are checked, the accelerator, noise schedule,
     result and log exist; :meth:`run` does the work (and may be called once).
 
     Args:
-        data: Training data (images at any size; resized to ``resolution``).
+        data: Training data: an :class:`IngestResult` loaded at ``resolution`` (held in memory), a
+            :class:`PreparedDataset` prepared at ``resolution`` (read from disk, flat memory), or any
+            :class:`TrainingImages`.
         output: Model folder to write.
         config: Training configuration (a preset, possibly with overrides).
         resolution: Image side in pixels (``config.latent_size`` times a power of two).
@@ -277,6 +401,12 @@ class Trainer:
             text encoder is used frozen (unless ``text_encoder`` names another of the same width); its
             VAE is used frozen when ``resolution`` equals the model's resolution (no VAE stage), and a
             new 1-channel VAE is trained otherwise.
+        dataloader_workers: Worker processes that read VAE batches (0: in this process); results do
+            not depend on it. Workers start with ``forkserver`` where available (``spawn`` otherwise).
+        augment: Random augmentation of VAE-stage batches (shift, zoom, rotation, intensity), seeded
+            from each step's generator; never a left-right flip (``hflip`` is refused). ``None``: off.
+        gradient_checkpointing: Recompute activations in the backward pass of the UNet and the VAE
+            (less memory at large resolutions, slower; same results).
 
     Raises:
         ValueError: an argument out of range (the message names it and the value).
@@ -303,6 +433,9 @@ class Trainer:
         progress: bool = True,
         step_hook: StepHook | None = None,
         init_from: str | Path | None = None,
+        dataloader_workers: int = 0,
+        augment: Augment | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         if max_minutes is not None and (
             isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
@@ -320,8 +453,16 @@ class Trainer:
             raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {mixed_precision!r}")
         if save_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"save_dtype must be torch.float32, float16 or bfloat16, got {save_dtype!r}")
-        if not data.records:
-            raise ValueError("data has no images to train on")
+        if (isinstance(dataloader_workers, bool) or not isinstance(dataloader_workers, int)
+                or not 0 <= dataloader_workers <= 256):
+            raise ValueError(f"dataloader_workers must be an integer in [0, 256], got {dataloader_workers!r}")
+        if augment is not None and not isinstance(augment, Augment):
+            raise ValueError(f"augment must be an Augment or None, got {type(augment).__name__}")
+        if augment is not None and augment.hflip:
+            raise ValueError("augment.hflip must be False: a left-right flip swaps laterality (the heart "
+                             "would move to the right), which a radiology model must not learn")
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
         #: The model fine-tuned from (``init_from``), or ``None``.
         self.init_info: ModelInfo | None = read_model_info(init_from) if init_from is not None else None
         #: Whether the VAE is ``init_from``'s, frozen (same resolution): no VAE stage then.
@@ -342,6 +483,8 @@ class Trainer:
             noise_scheduler = build_noise_scheduler(config)
         if not self.frozen_vae:
             config.vae_block_channels(resolution)  # validates resolution against the latent size
+        #: The images as the trainer reads them.
+        self.images: TrainingImages = self._training_images(data, resolution)
         self.data, self.config, self.resolution = data, config, resolution
         self.output = Path(output)
         self.workspace = self.output / "checkpoints"
@@ -351,6 +494,8 @@ class Trainer:
         self.step_hook = step_hook
         self.link_packaged_text_encoder = link_packaged_text_encoder
         self.save_dtype = save_dtype
+        self.dataloader_workers, self.augment = dataloader_workers, augment
+        self.gradient_checkpointing = gradient_checkpointing
         self.requested_mixed_precision = mixed_precision
         self.mixed_precision = resolve_mixed_precision(mixed_precision, torch.device(best_device()))
         self.accelerator = Accelerator(
@@ -407,27 +552,59 @@ class Trainer:
         return _Plan(total=total, deadline=deadline)
 
     # ------------------------------------------------------------------ data
-    def _pixels(self) -> torch.Tensor:
-        imgs = [r.image for r in self.data.records]
-        if any(im.shape != (self.resolution, self.resolution) for im in imgs):
-            raise ValueError(
-                f"training images must be {self.resolution}x{self.resolution}; load the data with "
-                f"resolution={self.resolution}"
-            )
-        arr = np.stack(imgs).astype(np.float32)
-        return torch.from_numpy(arr * 2.0 - 1.0).unsqueeze(1)
+    @staticmethod
+    def _training_images(data: Any, resolution: int) -> TrainingImages:
+        """``data`` as :class:`TrainingImages`; checks it is not empty and is at ``resolution``.
+
+        Raises:
+            ValueError: no images, or images (a prepared folder) at another resolution.
+        """
+        if isinstance(data, IngestResult):
+            return InMemoryImages(data, resolution)
+        if not isinstance(data, TrainingImages):
+            raise ValueError(f"data must be an IngestResult, a PreparedDataset or TrainingImages, got "
+                             f"{type(data).__name__}")
+        if data.resolution != resolution:
+            where = f"prepared dataset {str(data.root)!r}" if isinstance(data, PreparedDataset) else "data"
+            raise ValueError(f"{where} has resolution {data.resolution}, but the model is trained at "
+                             f"resolution {resolution}; prepare the source again at {resolution}")
+        if len(data) == 0:
+            raise ValueError("data has no images to train on")
+        return data
+
+    def _loader(self, sampler: Any, augment: bool) -> torch.utils.data.DataLoader:
+        """A DataLoader over :class:`BatchReader` whose ``sampler`` yields whole-batch keys; it yields
+        ``(indices (B,) int64, images (B, R, R) float32 in [0, 1])`` numpy pairs."""
+        workers = self.dataloader_workers
+        context = None
+        if workers:
+            import multiprocessing as mp
+
+            if "forkserver" in mp.get_all_start_methods():
+                # Workers fork from a clean server process, not from this multi-threaded one; the server
+                # imports torch and the reader once (when it starts), so a worker starts in milliseconds.
+                context = mp.get_context("forkserver")
+                context.set_forkserver_preload(["generator.data.prepared"])
+            else:
+                context = mp.get_context("spawn")
+        return torch.utils.data.DataLoader(
+            BatchReader(self.images, self.augment if augment else None), batch_size=None, sampler=sampler,
+            num_workers=workers, collate_fn=BatchReader.collate, multiprocessing_context=context,
+            pin_memory=False,
+        )
 
     def _texts(self) -> tuple[list[str], list[list[int]]]:
         """Unique texts and, per record, the indices of the texts it may be trained with."""
         rng = random.Random(self.seed)
         texts: dict[str, int] = {"": 0}
         options: list[list[int]] = []
-        for rec in self.data.records:
-            cands = [rec.text]
-            structured = any(k in rec.attributes for k in ("findings", "sex", "age", "view"))
+        for meta in self.images.iter_metadata():  # streamed: texts and attributes only, never pixels
+            text, attributes = meta["text"], meta["attributes"]
+            cands = [text]
+            structured = any(k in attributes for k in ("findings", "sex", "age", "view"))
             if self.config.text_augment and structured:
                 try:
-                    cands += [paraphrase_prompt(rec.attributes, rng) for _ in range(_PARAPHRASES_PER_RECORD)]
+                    cands += [paraphrase_prompt(attributes, rng) for _ in range(_PARAPHRASES_PER_RECORD)]
                 except ValueError:
                     pass  # attributes that do not parse: train on the record's own text only
             ids = []
@@ -444,22 +621,25 @@ class Trainer:
             "train_config": json_plain(self.config.to_dict()),
             "resolution": self.resolution,
             "seed": self.seed,
-            "data_fingerprint": self.data.fingerprint(),
-            "num_images": len(self.data.records),
+            "data_fingerprint": self.images.fingerprint(),
+            "num_images": len(self.images),
             "text_encoder_sha256": state_dict_hash(text_encoder),
             "mixed_precision": self.mixed_precision,
             "gradient_accumulation_steps": self.accelerator.gradient_accumulation_steps,
             "init_from_model_hash": self.init_info.model_hash if self.init_info is not None else None,
+            **({"augment": self.augment.to_dict()} if self.augment is not None else {}),
         }
 
     def _prepare_workspace(self, identity: dict[str, Any]) -> None:
-        """Fresh run: empty the workspace and write ``run.json``. Resume: check ``run.json``.
+        """Fresh run: empty the workspace (but for a ``prepared/`` dataset) and write ``run.json``.
+        Resume: check ``run.json`` (a workspace holding only ``prepared/`` starts fresh).
 
         Raises:
             ValueError: resuming from checkpoints of a different run, or of an unknown layout.
         """
         run_json = self.workspace / _RUN_JSON
-        if self.resume and self.workspace.is_dir() and any(self.workspace.iterdir()):
+        others = [p for p in self.workspace.iterdir() if p.name != PREPARED_DIR] if self.workspace.is_dir() else []
+        if self.resume and others:
             try:
                 saved = json.loads(run_json.read_text())
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -476,8 +656,12 @@ class Trainer:
                 )
             return
         if self._main:
-            shutil.rmtree(self.workspace, ignore_errors=True)
-            self.workspace.mkdir(parents=True)
+            for old in others:
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    old.unlink(missing_ok=True)
+            self.workspace.mkdir(parents=True, exist_ok=True)
             tmp = self.workspace / f".tmp-{_RUN_JSON}"
             tmp.write_text(json.dumps(identity, indent=1) + "\n")
             os.replace(tmp, run_json)
@@ -503,19 +687,17 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
         self._prepare_workspace(identity)
         acc.wait_for_everyone()
-        pixels = self._pixels()
 
         if self.frozen_vae and source is not None:
             vae, fresh = source.vae.float().eval().requires_grad_(False), False
             self.result.steps["vae"] = 0
             self._say(f"VAE: {self.init_info.path.name}'s, frozen")
         else:
-            vae, fresh = self._train_vae(pixels)
-        latents_mean, latents_std = self._cache_latents(vae, pixels)
-        del pixels
+            vae, fresh = self._train_vae()
+        cache = self._cache_latents(vae)
         if fresh:
             # Scale latents to unit variance (stored in the VAE config as scaling_factor).
-            vae.register_to_config(scaling_factor=float(1.0 / latents_mean.std().clamp_min(1e-6)))
+            vae.register_to_config(scaling_factor=float(1.0 / max(cache.std, 1e-6)))
             if self._main:
                 write_checkpoint(
                     self.workspace / "vae-final",
@@ -530,9 +712,9 @@ class Trainer:
             acc.wait_for_everyone()
 
         texts, options = self._texts()
-        embeds = encode_prompts(tokenizer, text_encoder, texts).to(torch.float16)
+        embeds = self._encode_texts(tokenizer, text_encoder, texts)
         self._say(f"encoded {len(texts)} distinct prompt texts with {type(text_encoder).__name__}")
-        unet = self._train_unet(latents_mean, latents_std, float(vae.config.scaling_factor), embeds, options,
+        unet = self._train_unet(cache, float(vae.config.scaling_factor), embeds, options,
                                 hidden_size(text_encoder), source.unet if source is not None else None)
 
         if self._main:
@@ -543,7 +725,7 @@ class Trainer:
         acc.end_training()
         return self.result
 
-    def _train_vae(self, pixels: torch.Tensor) -> tuple[AutoencoderKL, bool]:
+    def _train_vae(self) -> tuple[AutoencoderKL, bool]:
         """The trained VAE, and whether it was trained now (False: loaded from a finished stage)."""
         cfg, acc = self.config, self.accelerator
         final = self.workspace / "vae-final"
@@ -562,14 +744,22 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             vae = _VAEWithLoss(build_vae(cfg, self.resolution))
+        if self.gradient_checkpointing and vae.vae._supports_gradient_checkpointing:
+            vae.vae.enable_gradient_checkpointing()
         vae, opt, sched, plan, step = self._start_stage("vae", vae, cfg.vae_lr, 1e-4, cfg.vae_steps, start)
-        n = pixels.shape[0]
+        n = len(self.images)
+        augment = self.augment is not None
+        batches = iter(self._loader(
+            _StepBatches(self.seed, "vae", acc.process_index, step, n, cfg.vae_batch_size, augment), augment))
         losses: list[float] = []
         t0, s0 = time.monotonic(), step
         while step < plan.total and not self._out_of_time("vae", plan, step, s0):
             g = _step_generator(self.seed, "vae", step, acc.process_index)
-            idx = torch.randint(0, n, (cfg.vae_batch_size,), generator=g)
-            x = pixels[idx].to(acc.device)
+            key = _draw_batch(g, n, cfg.vae_batch_size, augment)
+            got, images = next(batches)
+            if tuple(got.tolist()) != key[0]:  # the loader's order is the step generators' by construction
+                raise RuntimeError(f"VAE step {step}: the data loader returned another batch than drawn")
+            x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1).to(acc.device)
             eps = torch.randn((x.shape[0], cfg.latent_channels, cfg.latent_size, cfg.latent_size), generator=g)
             with acc.accumulate(vae):
                 with self._autocast():
@@ -587,8 +777,11 @@ class Trainer:
             step += 1
             losses.append(float(loss.detach()))
             self._after_step("vae", step, plan, losses, t0, s0, cfg.vae_batch_size, sched, vae, opt)
+        del batches  # stops the loader's workers
         self.log.close()
         model = acc.unwrap_model(vae, keep_fp32_wrapper=False).vae
+        if self.gradient_checkpointing and model.is_gradient_checkpointing:
+            model.disable_gradient_checkpointing()
         self.result.steps["vae"] = step
         self.result.final_loss["vae"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["vae"] = time.monotonic() - start
@@ -597,25 +790,107 @@ class Trainer:
         return model.eval(), True
 
     @torch.no_grad()
-    def _cache_latents(self, vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and std of every image: two ``(N, C, h, w)`` tensors (unscaled latents)."""
-        means, stds = [], []
+    def _cache_latents(self, vae: AutoencoderKL) -> LatentCache:
+        """Posterior mean and std of every image, written to ``<workspace>/latents-{mean,std}.npy`` (main
+        process; temporary names, then ``os.replace``; ``latents.json`` last) and returned as a
+        :class:`LatentCache`. A cache whose ``latents.json`` names the same VAE weights and data
+        fingerprint is reused (``--resume``). Peak memory: one chunk of images and latents."""
+        acc, dev = self.accelerator, self.accelerator.device
+        vae_hash = state_dict_hash(vae)
+        meta_path = self.workspace / _LATENTS_JSON
+        ident = {"vae_sha256": vae_hash, "data_fingerprint": self.images.fingerprint(), "num_images": len(self.images)}
+        cache = self._reuse_latents(meta_path, ident) if self.resume else None
+        acc.wait_for_everyone()
+        if cache is not None:
+            self._say(f"resume: reusing the latent cache ({meta_path})")
+            return cache
+        if self._main:
+            cache = self._write_latents(vae.to(dev), ident, meta_path)
+        acc.wait_for_everyone()
+        if cache is None:
+            cache = self._reuse_latents(meta_path, ident)
+            if cache is None:
+                raise RuntimeError(f"latent cache {str(meta_path)!r} was not written by the main process")
+        return cache
+
+    @torch.no_grad()
+    def _encode_texts(self, tokenizer: Any, text_encoder: Any, texts: list[str]) -> "TextEmbeddings":
+        """Encode ``texts`` (main process, 256 at a time) into ``<workspace>/text-embeds.npy``, ``(T, L, H)``
+        float16, written under a temporary name and renamed; returned memory-mapped."""
+        path = self.workspace / TextEmbeddings.NAME
+        if self._main:
+            tmp = self.workspace / f".tmp-{TextEmbeddings.NAME}"
+            def encode(i: int) -> np.ndarray:  # 256: a multiple of encode_prompts' batch (same numbers)
+                return encode_prompts(tokenizer, text_encoder, texts[i : i + 256]).to(torch.float16).cpu().numpy()
+
+            first = encode(0)  # texts always holds the null prompt ""
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(texts), *first.shape[1:]))
+            arr[: len(first)] = first
+            for i in range(256, len(texts), 256):
+                chunk = encode(i)
+                arr[i : i + len(chunk)] = chunk
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+        self.accelerator.wait_for_everyone()
+        return TextEmbeddings(path)
+
+    def _reuse_latents(self, meta_path: Path, ident: Mapping[str, Any]) -> LatentCache | None:
+        """The cache described by ``latents.json`` when it matches ``ident`` and its files are intact."""
+        try:
+            meta = json.loads(meta_path.read_text())
+            if any(meta.get(k) != v for k, v in ident.items()):
+                return None
+            cache = LatentCache(self.workspace, tuple(meta["shape"]), float(meta["std"]))
+            cache.open()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        return cache
+
+    def _write_latents(self, vae: AutoencoderKL, ident: Mapping[str, Any], meta_path: Path) -> LatentCache:
         dev = self.accelerator.device
-        for i in range(0, pixels.shape[0], 64):
-            x = pixels[i : i + 64].to(dev)
+        n = len(self.images)
+        meta_path.unlink(missing_ok=True)
+        tmp = {name: self.workspace / f".tmp-{name}" for name in (LatentCache.MEAN, LatentCache.STD)}
+        files: dict[str, np.ndarray] = {}
+        count, mean_acc, m2 = 0, 0.0, 0.0  # Chan et al.'s merge of per-chunk (count, mean, M2), float64
+        for got, images in self._loader(_Sequential(n, _LATENT_CHUNK), augment=False):
+            x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1).to(dev)
             if int(vae.config.in_channels) != x.shape[1]:  # an RGB VAE (Stable Diffusion) sees gray as RGB
                 x = x.expand(-1, int(vae.config.in_channels), -1, -1)
-            dist = vae.to(dev).encode(x).latent_dist
-            means.append(dist.mean.cpu())
-            stds.append(dist.std.cpu())
-        return torch.cat(means), torch.cat(stds)
+            dist = vae.encode(x).latent_dist
+            mean, std = dist.mean.float().cpu().numpy(), dist.std.float().cpu().numpy()
+            if not files:
+                shape = (n, *mean.shape[1:])
+                for name, path in tmp.items():
+                    files[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            lo, hi = int(got[0]), int(got[-1]) + 1
+            files[LatentCache.MEAN][lo:hi] = mean
+            files[LatentCache.STD][lo:hi] = std
+            flat = mean.astype(np.float64).ravel()
+            c_mean, c_m2 = float(flat.mean()), float(((flat - flat.mean()) ** 2).sum())
+            total = count + flat.size
+            delta = c_mean - mean_acc
+            m2 += c_m2 + delta * delta * count * flat.size / total
+            mean_acc += delta * flat.size / total
+            count = total
+        shape = tuple(files[LatentCache.MEAN].shape)
+        for name, arr in files.items():
+            arr.flush()
+            del arr
+        files.clear()
+        for name, path in tmp.items():
+            os.replace(path, self.workspace / name)
+        std = math.sqrt(m2 / max(1, count - 1))
+        atomic_write_text(meta_path, json.dumps({**ident, "shape": list(shape), "dtype": "float32", "std": std},
+                                                indent=1) + "\n")
+        return LatentCache(self.workspace, shape, std)
 
     def _train_unet(
         self,
-        latents_mean: torch.Tensor,
-        latents_std: torch.Tensor,
+        cache: LatentCache,
         scaling: float,
-        embeds: torch.Tensor,
+        embeds: "TextEmbeddings",
         options: list[list[int]],
         cross_dim: int,
         init: UNet2DConditionModel | None = None,
@@ -631,21 +906,24 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed + 1)
                 unet = build_unet(cfg, cross_dim)
+        if self.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         ema = EMAModel(
             unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3,
             model_cls=UNet2DConditionModel, model_config=unet.config,
         )
         noise_sched = self.noise_scheduler
         unet, opt, sched, plan, step = self._start_stage("unet", unet, cfg.unet_lr, 1e-2, cfg.unet_steps, start, ema)
-        n = latents_mean.shape[0]
+        n = cache.shape[0]
         losses: list[float] = []
         t0, s0 = time.monotonic(), step
         while step < plan.total and not self._out_of_time("unet", plan, step, s0):
             g = _step_generator(self.seed, "unet", step, acc.process_index)
             b = cfg.unet_batch_size
             idx = torch.randint(0, n, (b,), generator=g)
-            eps_post = torch.randn(latents_mean[idx].shape, generator=g)
-            z0 = (latents_mean[idx] + latents_std[idx] * eps_post) * scaling
+            mean, std = cache.rows(idx)
+            eps_post = torch.randn(mean.shape, generator=g)
+            z0 = (mean + std * eps_post) * scaling
             noise = torch.randn(z0.shape, generator=g)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (b,), generator=g)
             pick = torch.rand(b, generator=g)
@@ -654,7 +932,7 @@ class Trainer:
                 0 if drop[j] else options[int(idx[j])][int(pick[j] * len(options[int(idx[j])]))]
                 for j in range(b)
             ]
-            context = embeds[text_ids].float().to(acc.device)
+            context = embeds.rows(text_ids).float().to(acc.device)
             z0, noise, t = z0.to(acc.device), noise.to(acc.device), t.to(acc.device)
             noisy = noise_sched.add_noise(z0, noise, t)
             target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
@@ -681,6 +959,8 @@ class Trainer:
             self._after_step("unet", step, plan, losses, t0, s0, b, sched, unet, opt, ema)
         self.log.close()
         model = acc.unwrap_model(unet, keep_fp32_wrapper=False)
+        if model.is_gradient_checkpointing:
+            model.disable_gradient_checkpointing()
         ema.copy_to(model.parameters())
         self.result.steps["unet"] = step
         self.result.final_loss["unet"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
@@ -825,7 +1105,7 @@ class Trainer:
                                          text_encoder=self.text_encoder_name)[0].text_encoder
         elif text_encoder is None:
             text_encoder = load_text_encoder(self.text_encoder_name)[1]
-        d = self.data
+        d = self.images
         return {
             "radsynth_version": _package_version(),
             "resolution": self.resolution,
@@ -840,13 +1120,16 @@ class Trainer:
             "text_encoder": {"name": self._text_encoder_label(),
                              "sha256": state_dict_hash(text_encoder),
                              "hidden_size": hidden_size(text_encoder)},
-            "data": {"source": d.source, "num_images": len(d.records), "num_skipped": len(d.skipped),
-                     "fingerprint": d.fingerprint()},
+            "data": {"source": d.source, "num_images": len(d), "num_skipped": d.num_skipped,
+                     "fingerprint": d.fingerprint(),
+                     "read_from": "prepared" if isinstance(d, PreparedDataset) else "memory"},
             "training": {"steps": self.result.steps, "final_loss": self.result.final_loss,
                          "seconds": {k: round(v, 1) for k, v in self.result.seconds.items()},
                          "num_processes": self.accelerator.num_processes,
                          "mixed_precision": self.mixed_precision,
-                         "mixed_precision_requested": self.requested_mixed_precision},
+                         "mixed_precision_requested": self.requested_mixed_precision,
+                         "augment": self.augment.to_dict() if self.augment is not None else None,
+                         "gradient_checkpointing": self.gradient_checkpointing},
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "accelerate": accelerate.__version__,
                          "python": platform.python_version()},

@@ -1,4 +1,4 @@
-"""Benchmark ``radsynth prepare`` at scale (issue 9): peak RSS and images/s against N and workers.
+"""Benchmark ``radsynth prepare`` and ``radsynth train`` at scale (issue 9): peak RSS and speed against N.
 
 For each N (default 2,000 and 20,000) and worker count (default 1 and 2) a fresh child process runs
 :func:`generator.data.preparing.prepare` on an imagefolder of N phantom PNGs and reports its wall
@@ -13,6 +13,13 @@ metadata row each (the phantom's row, new ``file_name``). Every file is decoded 
 page cache holds at most ``unique`` distinct files, so disk reads are not measured. All data goes to
 ``--workdir`` (default ``/tmp/radsynth_bench_scale``), never into the repository.
 
+Training rows (``--train-sizes``): for each N a fresh child process runs ``radsynth train --max-steps K``
+(``--train-preset``, default tiny, float32, default text encoder) from a folder prepared at
+``--resolution`` (prepared once, kept in ``--workdir``), and, for N <= ``--train-in-memory-max``, from the
+raw imagefolder held in memory. Reported: wall time of the whole command (ingest or open, VAE stage,
+latent caching, prompt encoding, UNet stage, saving), VAE and UNet steps/s from ``train_log.csv``, and
+the child's peak RSS (``ru_maxrss``; DataLoader workers, if any, not counted).
+
 Threads are pinned (``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS`` = ``--threads``,
 default 1) in every child: the CPUs here are shared (DESIGN.md §9).
 
@@ -20,6 +27,7 @@ Example::
 
     python scripts/bench_scale.py --sizes 2000 20000 --workers 1 2
     python scripts/bench_scale.py --sizes 2000 20000 100000 --workers 1 2 --json results.json
+    python scripts/bench_scale.py --sizes --train-sizes 2000 20000 --train-steps 20   # training rows only
 """
 
 from __future__ import annotations
@@ -116,13 +124,77 @@ def _child(argv: Sequence[str]) -> int:
     return 0
 
 
+def _train_child(argv: Sequence[str]) -> int:
+    """``--train-child DATA OUT RESOLUTION PRESET STEPS WORKERS``: one ``radsynth train``; prints a JSON line."""
+    import csv
+
+    from radsynth.cli import main as radsynth_main
+
+    data, out, resolution, preset, steps, workers = argv[0], argv[1], argv[2], argv[3], argv[4], argv[5]
+    t0 = time.perf_counter()
+    rc = radsynth_main(["train", "--data", data, "--output", out, "--preset", preset, "--resolution", resolution,
+                        "--max-steps", steps, "--mixed-precision", "no", "--dataloader-workers", workers,
+                        "--overwrite", "--quiet"])
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        return rc
+    rate: dict[str, float] = {}
+    with open(Path(out) / "train_log.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            rate[row["stage"]] = float(row["steps_per_s"])  # the last row of each stage
+    info = json.loads((Path(out) / "radsynth.json").read_text())
+    print(json.dumps({
+        "count": info["data"]["num_images"], "read_from": info["data"]["read_from"], "seconds": seconds,
+        "vae_steps_per_s": rate.get("vae"), "unet_steps_per_s": rate.get("unet"),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+    return 0
+
+
+def _train_rows(args: argparse.Namespace, base: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """Training rows: prepared folder for every N, raw in memory for N <= ``--train-in-memory-max``."""
+    from generator.data.prepared import is_prepared
+    from generator.data.preparing import prepare
+
+    rows: list[dict[str, Any]] = []
+    for n in args.train_sizes:
+        src = _folder(args.workdir, base, n, args.unique, args.size)
+        prepared = args.workdir / f"train_prepared_{n}_{args.resolution}"
+        if not is_prepared(prepared):
+            t0 = time.time()
+            prepare(src, prepared, resolution=args.resolution, workers=2, overwrite=True, progress=False)
+            print(f"prepared N={n} in {time.time() - t0:.0f} s", file=sys.stderr)
+        inputs = [("prepared", prepared)] + ([("memory", src)] if n <= args.train_in_memory_max else [])
+        for mode, data in inputs:
+            out = args.workdir / f"train_out_{n}_{mode}"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--train-child", str(data), str(out),
+                   str(args.resolution), args.train_preset, str(args.train_steps), str(args.train_workers)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr, file=sys.stderr)
+                raise SystemExit(proc.returncode)
+            row = {"n": n, "mode": mode, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            print(f"train N={n} {mode}: {row['seconds']:.1f} s, RSS {row['rss_mb']:.0f} MB", file=sys.stderr)
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; prints a Markdown table (and writes ``--json``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child(argv[1:])
+    if argv[:1] == ["--train-child"]:
+        return _train_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[2000, 20000], help="N of the prepare rows (none: skip)")
+    p.add_argument("--train-sizes", type=int, nargs="*", default=[], help="N of the training rows (default none)")
+    p.add_argument("--train-steps", type=int, default=20, help="--max-steps of each training run (default 20)")
+    p.add_argument("--train-preset", default="tiny", help="preset of the training runs (default tiny)")
+    p.add_argument("--train-workers", type=int, default=0, help="--dataloader-workers of the training runs")
+    p.add_argument("--train-in-memory-max", type=int, default=2000,
+                   help="largest N also trained from the raw folder in memory (default 2000)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--size", type=int, default=128, help="phantom side in pixels (default 128)")
     p.add_argument("--resolution", type=int, default=128, help="prepared resolution (default 128)")
@@ -164,21 +236,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"RSS main {row['rss_main_mb']:.0f} MB, worker {row['rss_worker_mb']:.0f} MB", file=sys.stderr)
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
-    print("| N | workers | seconds | images/s | images/s per worker | peak RSS main (MB) | peak RSS worker (MB) "
-          "| peak RSS all processes (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        worker = f"{r['rss_worker_mb']:.0f}" if r["workers"] > 1 else "-"
-        print(f"| {r['n']} | {r['workers']} | {r['seconds']:.1f} | {r['images_per_s']:.0f} | "
-              f"{r['images_per_s_per_worker']:.0f} | {r['rss_main_mb']:.0f} | {worker} | "
-              f"{r['rss_total_sampled_mb']:.0f} |")
-    for w in args.workers:
-        rss = [max(r["rss_main_mb"], r["rss_worker_mb"]) for r in results if r["workers"] == w]
-        if len(rss) > 1:
-            print(f"workers={w}: largest process peak RSS grows {100 * (rss[-1] / rss[0] - 1):+.1f}% "
-                  f"from N={args.sizes[0]} to N={args.sizes[-1]}")
+    if results:
+        print("| N | workers | seconds | images/s | images/s per worker | peak RSS main (MB) | peak RSS worker (MB) "
+              "| peak RSS all processes (MB) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in results:
+            worker = f"{r['rss_worker_mb']:.0f}" if r["workers"] > 1 else "-"
+            print(f"| {r['n']} | {r['workers']} | {r['seconds']:.1f} | {r['images_per_s']:.0f} | "
+                  f"{r['images_per_s_per_worker']:.0f} | {r['rss_main_mb']:.0f} | {worker} | "
+                  f"{r['rss_total_sampled_mb']:.0f} |")
+        for w in args.workers:
+            rss = [max(r["rss_main_mb"], r["rss_worker_mb"]) for r in results if r["workers"] == w]
+            if len(rss) > 1:
+                print(f"workers={w}: largest process peak RSS grows {100 * (rss[-1] / rss[0] - 1):+.1f}% "
+                      f"from N={args.sizes[0]} to N={args.sizes[-1]}")
+    train = _train_rows(args, base, env) if args.train_sizes else []
+    if train:
+        print(f"\ntraining: preset {args.train_preset}, {args.resolution} px, --max-steps {args.train_steps}, "
+              f"{args.threads} thread(s), --dataloader-workers {args.train_workers}")
+        print("| N | data read from | seconds (whole command) | VAE steps/s | UNet steps/s | peak RSS (MB) |")
+        print("|---:|---|---:|---:|---:|---:|")
+        for r in train:
+            print(f"| {r['n']} | {r['read_from']} | {r['seconds']:.1f} | {r['vae_steps_per_s']:.2f} | "
+                  f"{r['unet_steps_per_s']:.2f} | {r['rss_mb']:.0f} |")
+        disk = [r["rss_mb"] for r in train if r["read_from"] == "prepared"]
+        if len(disk) > 1:
+            print(f"prepared: peak RSS grows {100 * (disk[-1] / disk[0] - 1):+.1f}% from N={args.train_sizes[0]} "
+                  f"to N={args.train_sizes[-1]}")
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"prepare": results, "train": train} if train else results, indent=1))
     return 0
 
 

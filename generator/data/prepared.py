@@ -35,6 +35,13 @@ Use (the trainer's API)::
     ds.intensity                           # dataset-level IntensityMapping
     for meta in ds.iter_metadata(): ...    # texts, attributes, patient ids, streamed
 
+Training reads images through one small interface, :class:`TrainingImages` (``len``, ``resolution``,
+``fingerprint()``, ``iter_metadata()``, ``read_batch(indices)``, provenance), which
+:class:`PreparedDataset` (from disk) and :class:`InMemoryImages` (an ``IngestResult`` already in memory)
+both implement; :class:`BatchReader` wraps either as the dataset of a ``torch.utils.data.DataLoader``
+whose sampler yields whole batches as ``(indices, augment_seed)`` keys, so the batch order is the
+caller's (the trainer's step generators) and loader workers only fetch pixels.
+
 Pixel convention: stored value ``v`` means ``v / 255`` (uint8) or ``v / 65535`` (uint16) in ``[0, 1]``;
 the reader returns ``float32`` ``(R, R)`` images in ``[0, 1]`` (DESIGN.md §3.1 convention).
 """
@@ -45,16 +52,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from generator._utils import sha256_file
-from generator.data.records import IntensityMapping
+from generator.data.records import IngestResult, IntensityMapping
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "PROGRESS_NAME", "REPORT_NAME", "HEADER_BYTES",
-    "PreparedDataset", "is_prepared", "shard_names", "sha256_file", "npy_header",
+    "PreparedDataset", "is_prepared", "shard_names", "TrainingImages", "InMemoryImages", "BatchReader", "sha256_file", "npy_header",
     "quantize", "dequantize", "read_json",
 ]
 
@@ -305,6 +312,14 @@ class PreparedDataset:
         k, _ = self._locate(index)
         return dequantize(self.raw(index), self._shards[k].dtype)
 
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Images ``indices`` (any order, repeats allowed) as ``(B, R, R)`` float32 in ``[0, 1]`` (no
+        augmentation): one positional read per image, nothing cached."""
+        out = np.empty((len(indices), self.resolution, self.resolution), dtype=np.float32)
+        for j, i in enumerate(indices):
+            out[j] = self.image(int(i))
+        return out
+
     def metadata(self, index: int) -> dict[str, Any]:
         """Metadata of image ``index``: ``file_name``, ``text``, ``attributes``, ``extra``, ``intensity``."""
         k, j = self._locate(index)
@@ -377,6 +392,16 @@ class PreparedDataset:
         return str(self.manifest["source"]["fingerprint"])
 
     @property
+    def source(self) -> str:
+        """Kind of the source that was prepared: ``"imagefolder"``, ``"dicom_folder"`` or ``"npz"``."""
+        return str(self.manifest["source"]["kind"])
+
+    @property
+    def num_skipped(self) -> int:
+        """Number of source files (or frames) that preparation skipped (lines of ``report.jsonl``)."""
+        return int(self.manifest["report"]["skipped"])
+
+    @property
     def summary(self) -> str:
         """The ingest summary line ("read N images from F files, skipped K (...)")."""
         return str(self.manifest["report"]["summary"])
@@ -412,6 +437,134 @@ class PreparedDataset:
     def __repr__(self) -> str:
         return (f"PreparedDataset({str(self.root)!r}, images={len(self)}, resolution={self.resolution}, "
                 f"shards={len(self._shards)})")
+
+
+# ------------------------------------------------------------------------------ training images
+@runtime_checkable
+class TrainingImages(Protocol):
+    """What the trainer reads: ``len(images)`` square images of side :attr:`resolution`, their texts
+    and attributes streamed in index order, a content fingerprint and a batch reader.
+
+    Implemented by :class:`PreparedDataset` (images on disk, flat memory) and :class:`InMemoryImages`.
+    """
+
+    resolution: int
+    intensity: IntensityMapping
+
+    def __len__(self) -> int: ...
+
+    @property
+    def source(self) -> str:
+        """Source kind for ``radsynth.json`` (never a path)."""
+
+    @property
+    def num_skipped(self) -> int:
+        """Source files that were skipped at ingest."""
+
+    def fingerprint(self) -> str:
+        """SHA-256 over file names, texts and pixels (``IngestResult.fingerprint``'s scheme)."""
+
+    def iter_metadata(self) -> Iterator[dict[str, Any]]:
+        """Per image, in index order: a dict with at least ``file_name``, ``text``, ``attributes``."""
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``(B, R, R)`` float32 images in ``[0, 1]`` for ``indices``."""
+
+
+class InMemoryImages:
+    """:class:`TrainingImages` over an :class:`IngestResult` whose records are already in memory.
+
+    Args:
+        data: Records loaded with ``load_dataset(..., resolution=resolution)``.
+        resolution: Side every image must have.
+
+    Raises:
+        ValueError: no records, or a record whose image is not ``(resolution, resolution)``.
+    """
+
+    def __init__(self, data: IngestResult, resolution: int) -> None:
+        if not data.records:
+            raise ValueError("data has no images to train on")
+        bad = next((r for r in data.records if np.shape(r.image) != (resolution, resolution)), None)
+        if bad is not None:
+            raise ValueError(
+                f"training images must be {resolution}x{resolution}, but {bad.file_name!r} is "
+                f"{'x'.join(map(str, np.shape(bad.image)))}; load the data with resolution={resolution}"
+            )
+        self.data = data
+        self.resolution = resolution
+        self.intensity = data.intensity
+        self._fingerprint: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.data.records)
+
+    @property
+    def source(self) -> str:
+        return self.data.source
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.data.skipped)
+
+    def fingerprint(self) -> str:
+        """``IngestResult.fingerprint()`` (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = self.data.fingerprint()
+        return self._fingerprint
+
+    def iter_metadata(self) -> Iterator[dict[str, Any]]:
+        for r in self.data.records:
+            yield {"file_name": r.file_name, "text": r.text, "attributes": r.attributes}
+
+    def read_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        recs = self.data.records
+        return np.stack([recs[int(i)].image for i in indices]).astype(np.float32, copy=False)
+
+
+class BatchReader:
+    """Dataset of a ``DataLoader`` that reads whole batches: ``reader[(indices, augment_seed)]``.
+
+    Use it with ``batch_size=None`` and a sampler that yields keys, so the caller decides the order
+    and the loader's workers only read (and augment) pixels; results do not depend on the number of
+    workers. Picklable whenever ``images`` is (a :class:`PreparedDataset` carries no open files).
+
+    Args:
+        images: Where the pixels come from.
+        augment: Optional augmentation (an :class:`generator.data.augment.Augment`); image ``j`` of a
+            batch with key seed ``s`` uses ``np.random.default_rng([s, j])``.
+
+    Raises:
+        ValueError: ``augment`` is not callable.
+    """
+
+    def __init__(self, images: TrainingImages, augment: Any = None) -> None:
+        if augment is not None and not callable(augment):
+            raise ValueError(f"augment must be callable (an Augment), got {type(augment).__name__}")
+        self.images, self.augment = images, augment
+
+    def __getitem__(self, key: tuple[Sequence[int], int | None]) -> tuple[np.ndarray, np.ndarray]:
+        """``key = (indices, augment_seed)`` -> ``(indices (B,) int64, images (B, R, R) float32 in [0, 1])``.
+
+        Images are augmented when the reader has an ``augment`` and ``augment_seed`` is not ``None``.
+
+        Raises:
+            ValueError: ``augment_seed`` outside ``[0, 2**63)``.
+        """
+        indices, seed = key
+        idx = np.asarray(indices, dtype=np.int64)
+        images = self.images.read_batch(idx)
+        if self.augment is not None and seed is not None:
+            if not 0 <= int(seed) < 2**63:
+                raise ValueError(f"augment_seed must be in [0, 2**63), got {seed!r}")
+            for j in range(len(images)):
+                images[j] = self.augment(images[j], np.random.default_rng([int(seed), j]))
+        return idx, images
+
+    @staticmethod
+    def collate(item: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``collate_fn`` (with ``batch_size=None``): the batch as it is, numpy arrays."""
+        return item
 
 
 def dequantize(raw: np.ndarray, dtype: str) -> np.ndarray:

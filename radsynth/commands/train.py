@@ -12,7 +12,12 @@ HELP = """Train a text-conditioned latent diffusion model on your own radiograph
 Stage 1 trains a single-channel AutoencoderKL on the images; stage 2 trains a
 UNet2DConditionModel on the cached latents, cross-attending to a frozen text encoder
 (default: the bundled MiniLM). The result is a diffusers model folder plus radsynth.json
-and a model card. Training data never goes into the model folder."""
+and a model card. Training data never goes into the model folder.
+
+--data may be a raw source (held in memory: fine for small sets) or a folder written by
+`radsynth prepare` (read from disk in bounded memory, whatever its size). With
+--stream-from-disk a raw source is first prepared into OUTPUT/checkpoints/prepared and read
+from there. Latents are cached on disk (OUTPUT/checkpoints/latents-*.npy, memory-mapped)."""
 
 EPILOG = """examples:
   # an imagefolder (images + metadata.jsonl with file_name and text), 20 CPU-minutes
@@ -28,6 +33,15 @@ EPILOG = """examples:
   # continue an interrupted run from its last checkpoint
   radsynth train --data my_cxr/ --output models/cxr --resume
 
+  # a large dataset: prepare it once, then train from disk with 4 loader workers and augmentation
+  radsynth prepare --data big_cxr/ --output big_cxr_256 --resolution 256 --workers 4
+  radsynth train --data big_cxr_256/ --output models/big --resolution 256 --preset base \\
+      --dataloader-workers 4 --augment --gradient-checkpointing
+
+  # the same in one command: the source is prepared into models/big/checkpoints/prepared first
+  # (an interrupted preparation or training continues with --resume)
+  radsynth train --data big_cxr/ --output models/big --resolution 256 --stream-from-disk
+
   # full float32 training (the default is bf16 where the CPU or GPU has native bfloat16)
   radsynth train --data my_cxr/ --output models/cxr --mixed-precision no
 
@@ -38,7 +52,9 @@ EPILOG = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth train``."""
-    p.add_argument("--data", required=True, help="imagefolder, DICOM folder or .npz file")
+    p.add_argument("--data", required=True,
+                   help="imagefolder, DICOM folder or .npz file, or a folder written by 'radsynth prepare' "
+                        "(its resolution must equal --resolution)")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--preset", default="small", help="tiny | small | base (default small)")
@@ -68,6 +84,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
                    help="fine-tune: start the UNet from this RadSynth or Stable-Diffusion-layout model folder "
                         "(its text encoder frozen; its VAE frozen when --resolution equals the model's)")
+    p.add_argument("--stream-from-disk", action="store_true",
+                   help="raw --data: prepare it first into OUTPUT/checkpoints/prepared (as 'radsynth prepare' "
+                        "does; --resume continues an interrupted preparation) and read training batches from "
+                        "there, so memory does not grow with the number of images (default: hold the images "
+                        "in memory; a prepared --data is always read from disk)")
+    p.add_argument("--dataloader-workers", type=int, default=0, metavar="N",
+                   help="processes reading training batches (and preparing, with --stream-from-disk); results "
+                        "do not depend on N (default 0: read in the training process)")
+    p.add_argument("--augment", action="store_true",
+                   help="augment VAE training batches with small shifts, zooms, rotations and intensity changes "
+                        "(never left-right flips: they swap laterality); recorded in radsynth.json")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (UNet and VAE): less memory at large "
+                        "resolutions, slower, same results; recorded in radsynth.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -108,6 +138,7 @@ def check_flags(args: argparse.Namespace) -> None:
     _check_number("--gradient-accumulation-steps", args.gradient_accumulation_steps, low=1, high=1024)
     _check_number("--checkpoint-every", args.checkpoint_every, low=1, high=10**9)
     _check_number("--resolution", args.resolution, low=8, high=MAX_RESOLUTION)
+    _check_number("--dataloader-workers", args.dataloader_workers, low=0, high=64)
     center, width = args.ct_window
     _check_number("--ct-window CENTER", center, low=-1e5, high=1e5)
     _check_number("--ct-window WIDTH", width, low=0.0, high=1e5, low_open=True)
@@ -136,13 +167,12 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth train``."""
-    from radsynth._args import parse_label_text
     from accelerate import PartialState
 
     from generator._utils import cpu_only
+    from generator.data import Augment
 
     from generator.models.config import get_preset
-    from generator.data import load_dataset
     from generator.training import Trainer
 
     check_flags(args)
@@ -174,15 +204,7 @@ def run(args: argparse.Namespace) -> int:
     if state.is_main_process:
         prepare_output(output, resume=args.resume, overwrite=args.overwrite)
     state.wait_for_everyone()
-    data = load_dataset(
-        args.data,
-        resolution=args.resolution,
-        label_text=parse_label_text(args.label_text),
-        npz_split=args.npz_split,
-        reports_csv=args.reports_csv,
-        ct_window=tuple(args.ct_window),
-        progress=not args.quiet and state.is_main_process,
-    )
+    data = training_data(args, output, state)
     result = Trainer(
         data,
         output,
@@ -198,6 +220,9 @@ def run(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         progress=not args.quiet,
         init_from=args.init_from,
+        dataloader_workers=args.dataloader_workers,
+        augment=Augment() if args.augment else None,
+        gradient_checkpointing=args.gradient_checkpointing,
     ).run()
     if state.is_main_process:
         print(
@@ -205,3 +230,36 @@ def run(args: argparse.Namespace) -> int:
             f"{ {k: round(v, 4) for k, v in result.final_loss.items()} }); log: {output / 'train_log.csv'}"
         )
     return 0
+
+
+def training_data(args: argparse.Namespace, output: Path, state: object) -> object:
+    """What ``--data`` names, as the Trainer takes it.
+
+    A prepared folder (``radsynth prepare``): a :class:`PreparedDataset` read from disk. A raw source:
+    loaded into memory, or with ``--stream-from-disk`` prepared into ``OUTPUT/checkpoints/prepared`` by
+    the main process (resumed with ``--resume``) and read from there.
+
+    Raises:
+        ValueError: a prepared folder at another resolution than ``--resolution`` (naming the folder and
+            both), an unfinished preparation, or a source ``load_dataset``/``prepare`` refuses.
+    """
+    from radsynth._args import parse_label_text
+
+    from generator.data import PreparedDataset, is_prepared, load_dataset, prepare
+    from generator.data.prepared import PROGRESS_NAME
+    from generator.training import PREPARED_DIR
+
+    source = Path(args.data)
+    if is_prepared(source) or (source.is_dir() and (source / PROGRESS_NAME).is_file()):
+        return PreparedDataset(source, resolution=args.resolution)  # an unfinished one says how to finish it
+    options = dict(label_text=parse_label_text(args.label_text), npz_split=args.npz_split,
+                   reports_csv=args.reports_csv, ct_window=tuple(args.ct_window))
+    main = bool(getattr(state, "is_main_process", True))
+    if not args.stream_from_disk:
+        return load_dataset(source, resolution=args.resolution, progress=not args.quiet and main, **options)
+    folder = output / "checkpoints" / PREPARED_DIR
+    if main:
+        prepare(source, folder, resolution=args.resolution, workers=max(1, args.dataloader_workers),
+                resume=args.resume, progress=not args.quiet, **options)
+    state.wait_for_everyone()  # type: ignore[attr-defined]
+    return PreparedDataset(folder, resolution=args.resolution)

@@ -63,7 +63,8 @@ def test_checkpoint_layout_is_safetensors_and_json(tmp_path, square_data, tiny_t
     files = sorted(p.relative_to(out / "checkpoints").as_posix() for p in (out / "checkpoints").rglob("*")
                    if p.is_file())
     assert files == [
-        "run.json",
+        "latents-mean.npy", "latents-std.npy", "latents.json",  # the latent cache (plain .npy, no pickle)
+        "run.json", "text-embeds.npy",  # prompt hidden states (memory-mapped by the UNet stage)
         "unet-2/ema.safetensors", "unet-2/model.safetensors", "unet-2/optimizer.safetensors", "unet-2/state.json",
         "vae-final/model.safetensors", "vae-final/state.json",
     ]
@@ -152,7 +153,9 @@ def test_fresh_run_clears_stale_checkpoints(tmp_path, square_data, tiny_text_enc
     _train(square_data, out, tiny_text_encoder, max_steps=3, keep_checkpoints=True,
            step_hook=lambda s, n: seen.append((s, n)))
     assert seen[0] == ("vae", 1)  # started over
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["run.json", "unet-2", "vae-final"]
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.npy",
+                    "unet-2", "vae-final"]
 
 
 def _unsafe_loads(tree: ast.AST) -> list[int]:
