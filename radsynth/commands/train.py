@@ -47,6 +47,10 @@ EPILOG = """examples:
 
   # two processes (CPU: gloo backend) or GPUs
   accelerate launch --multi_gpu --num_processes 2 -m radsynth train --data my_cxr/ --output models/cxr
+
+  # CT volumes (NIfTI files or DICOM series listed in metadata.jsonl), 32^3 at 2 mm
+  radsynth phantoms --dims 3 --num-images 200 --output ct_phantoms/
+  radsynth train --dims 3 --data ct_phantoms/ --output models/ct3d --resolution 32 --spacing 2 --max-minutes 30
 """
 
 
@@ -99,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in the backward pass (UNet and VAE): less memory at large "
                         "resolutions, slower, same results; recorded in radsynth.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from radsynth.commands._volumes import add_volume_train_arguments
+
+    add_volume_train_arguments(p)  # --dims, --spacing (volumes)
 
 
 MAX_SEED = 2**32 - 1
@@ -167,6 +174,10 @@ def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth train``."""
+    if args.dims == 3:
+        from radsynth.commands._volumes import run_train_3d
+
+        return run_train_3d(args)
     from accelerate import PartialState
 
     from generator._utils import cpu_only
