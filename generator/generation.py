@@ -220,7 +220,7 @@ def generate_to_folder(
             guidance_scale=guidance_scale,
             precision=precision,
         )
-        images, used_precision = out.images, out.precision
+        images, used_precision, vae_tiled = out.images, out.precision, out.vae_tiled
         verdicts = gate(images) if gate is not None else [{} for _ in batch]
         retry: list[tuple[Request, int, list[int]]] = []
         for (req, attempt, rejected), seed, image, privacy in zip(batch, seeds, images, verdicts):
@@ -243,6 +243,7 @@ def generate_to_folder(
                 "model_name": Path(info.path).name,
                 "sampler": sampler,
                 "precision": used_precision,
+                "vae_tiled": vae_tiled,
                 "steps": steps,
                 "guidance_scale": guidance_scale,
                 "negative_prompt": negative_prompt,
@@ -321,4 +322,5 @@ def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:
         num_inference_steps=steps,
         guidance_scale=guidance,
         precision=precision,
+        vae_tiling=bool(line.get("vae_tiled", False)),
     ).images[0]

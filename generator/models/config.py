@@ -1,11 +1,35 @@
-"""Training configuration and size presets (``--preset tiny|small|base``).
+"""Training configuration and size presets (``--preset tiny|small|base|cxr128|cxr256|cxr512``).
 
 A :class:`TrainConfig` is plain data: it is saved verbatim in ``radsynth.json`` so that a model folder
 says how it was made.
 
+General presets (any resolution ``latent_size * 2**k``):
+
 - ``tiny``: a few thousand parameters; for tests and smoke runs (seconds on a CPU).
 - ``small``: trains usefully on 2 CPU cores in 20 minutes (64 px -> 16x16x4 latents).
 - ``base``: what a GPU user starts with (256 px -> 32x32x4 latents, a 164M-parameter UNet).
+
+Resolution presets for real archives (one resolution each, see :data:`PRESET_DOWNSAMPLING`). They follow
+the Stable Diffusion / RoentGen recipe (a KL autoencoder with 4 latent channels, f=8 at 256-512 px, 2
+ResNet layers per block and self-attention in its middle block; a UNet with cross-attention on every
+level but the finest) and MONAI's 2D latent diffusion tutorials (f=4 for small images), scaled down for
+one 24-80 GB GPU. UNet parameter counts are with a 384-wide text encoder (the packaged MiniLM;
+cross-attention weights grow with the width). Batch sizes come from the peak memory of one
+bf16-autocast training step measured on a CPU (VAE: ~0.7 GB per 256 px image, so ~0.17 GB at 128 px and
+~2.7 GB at 512 px; UNet: ~35 MB per 32x32 latent, ~170 MB per 64x64 latent) and keep a step under ~12 GB
+on a 24 GB card; raise them (or ``--gradient-accumulation-steps``) on 80 GB. Learning rates are those of
+MONAI's tutorials and Stable Diffusion fine-tuning (1e-4), a little higher for the smaller cxr128.
+
+- ``cxr128``: 128x128 -> 32x32x4 latents (f=4). VAE (64, 128, 256), 13.9M parameters; UNet
+  (64, 128, 256), cross-attention at 16x16 and 8x8, 25.4M. Batches VAE 32 / UNet 64; lr 2e-4 / 2e-4;
+  EMA 0.9995; 10k VAE + 50k UNet steps. For MIMIC/CheXpert-size archives on one GPU in hours.
+- ``cxr256``: 256x256 -> 32x32x4 latents (f=8). VAE (64, 128, 256, 256), 20.9M; UNet (128, 256, 384),
+  cross-attention at 16x16 and 8x8, 65.1M. Batches VAE 16 / UNet 64; lr 1e-4 / 1e-4; EMA 0.9999; 20k +
+  100k steps. A smaller, faster alternative to ``base`` (same VAE, 164M UNet) at the same resolution.
+- ``cxr512``: 512x512 -> 64x64x4 latents (f=8, RoentGen's resolution). The ``cxr256`` VAE; UNet
+  (128, 256, 384, 384), cross-attention at 32x32, 16x16 and 8x8 (none at 64x64), 103.1M. Batches VAE 4 /
+  UNet 32; lr 1e-4 / 1e-4; EMA 0.9999; 30k + 150k steps. Sampling decodes large batches one image at a
+  time (``RadSynthPipeline(vae_slicing=None)``).
 """
 
 from __future__ import annotations
@@ -134,9 +158,27 @@ class TrainConfig:
     def vae_block_channels(self, resolution: int) -> tuple[int, ...]:
         """VAE ``block_out_channels`` for ``resolution`` (one block more than downsamplings).
 
+        A resolution preset (``preset`` in :data:`PRESET_DOWNSAMPLING`) allows one resolution only:
+        ``latent_size`` times its downsampling factor (128 for ``cxr128``; with ``latent_size``
+        overridden, e.g. to 16, ``cxr128`` makes 64 px images at the same f=4).
+
         Raises:
-            ValueError: ``resolution / latent_size`` is not a power of two >= 1.
+            ValueError: ``resolution / latent_size`` is not a power of two >= 1, or a resolution preset
+                is asked for another resolution than its own (the message names the preset, the
+                resolution it allows and a preset made for ``resolution``, if any).
         """
+        factor = PRESET_DOWNSAMPLING.get(self.preset)
+        if factor is not None and resolution != self.latent_size * factor:
+            fits = [
+                name for name, f in PRESET_DOWNSAMPLING.items()
+                if PRESETS[name].latent_size * f == resolution
+            ]
+            hint = f"; preset {fits[0]!r} is made for {resolution} px" if fits else ""
+            raise ValueError(
+                f"preset {self.preset!r} is for {self.latent_size * factor} px images only (VAE "
+                f"downsampling {factor} to {self.latent_size}x{self.latent_size} latents), got resolution "
+                f"{resolution!r}{hint}; allowed resolutions: {self.latent_size * factor}"
+            )
         ratio = resolution / self.latent_size
         levels = math.log2(ratio) if ratio >= 1 else -1
         if levels < 0 or levels != int(levels):
@@ -210,7 +252,80 @@ PRESETS: dict[str, TrainConfig] = {
         unet_steps=100000,
         checkpoint_every=2000,
     ),
+    # Resolution presets (module docstring; parameter counts are asserted in
+    # tests/generator/test_presets_large.py). Each allows latent_size * PRESET_DOWNSAMPLING[name] px.
+    "cxr128": TrainConfig(
+        preset="cxr128",
+        latent_size=32,
+        latent_channels=4,
+        vae_channels=(64, 128, 256),
+        vae_layers_per_block=2,
+        vae_mid_block_attention=True,
+        vae_lr=2e-4,
+        vae_batch_size=32,
+        unet_channels=(64, 128, 256),
+        unet_attention=(False, True, True),
+        unet_layers_per_block=2,
+        unet_heads=8,
+        unet_lr=2e-4,
+        unet_batch_size=64,
+        norm_groups=32,
+        ema_decay=0.9995,
+        warmup_steps=500,
+        vae_steps=10000,
+        unet_steps=50000,
+        checkpoint_every=2000,
+    ),
+    "cxr256": TrainConfig(
+        preset="cxr256",
+        latent_size=32,
+        latent_channels=4,
+        vae_channels=(64, 128, 256, 256),
+        vae_layers_per_block=2,
+        vae_mid_block_attention=True,
+        vae_lr=1e-4,
+        vae_batch_size=16,
+        unet_channels=(128, 256, 384),
+        unet_attention=(False, True, True),
+        unet_layers_per_block=2,
+        unet_heads=8,
+        unet_lr=1e-4,
+        unet_batch_size=64,
+        norm_groups=32,
+        ema_decay=0.9999,
+        warmup_steps=1000,
+        vae_steps=20000,
+        unet_steps=100000,
+        checkpoint_every=2000,
+    ),
+    "cxr512": TrainConfig(
+        preset="cxr512",
+        latent_size=64,
+        latent_channels=4,
+        vae_channels=(64, 128, 256, 256),
+        vae_layers_per_block=2,
+        vae_mid_block_attention=True,
+        vae_lr=1e-4,
+        vae_batch_size=4,
+        unet_channels=(128, 256, 384, 384),
+        unet_attention=(False, True, True, True),
+        unet_layers_per_block=2,
+        unet_heads=8,
+        unet_lr=1e-4,
+        unet_batch_size=32,
+        norm_groups=32,
+        ema_decay=0.9999,
+        warmup_steps=1000,
+        vae_steps=30000,
+        unet_steps=150000,
+        checkpoint_every=2000,
+    ),
 }
+
+#: VAE downsampling factor of each resolution preset: it makes ``latent_size * factor`` px images only
+#: (``cxr128``: 128 px, f=4; ``cxr256``: 256 px, f=8; ``cxr512``: 512 px, f=8). The general presets
+#: (``tiny``, ``small``, ``base``) are absent: any ``latent_size * 2**k`` is valid for them.
+PRESET_DOWNSAMPLING: dict[str, int] = {"cxr128": 4, "cxr256": 8, "cxr512": 8}
 
 
 def get_preset(name: str, **overrides: Any) -> TrainConfig:

@@ -15,8 +15,16 @@ UNet runs with bfloat16 weights; images differ from float32 by ~0.001 on average
 record the resolved precision (:attr:`RadSynthPipelineOutput.precision`) to regenerate identical pixels.
 
 Speed: each distinct prompt is encoded once per pipeline (cached across calls), classifier-free
-guidance runs the conditional and unconditional halves in one UNet call, the bfloat16 UNet copy is made
-once, and the VAE decodes the whole batch in one call.
+guidance runs the conditional and unconditional halves in one UNet call, and the bfloat16 UNet copy is
+made once.
+
+Memory of the VAE decode (:meth:`RadSynthPipeline.decode_latents`): a batch whose decoded pixels exceed
+:data:`VAE_SLICE_PIXELS` is decoded one image at a time (diffusers' ``AutoencoderKL`` slicing; the same
+pixels as a whole-batch decode within 1e-5, not bit for bit: float32 kernels are chosen by batch shape), and a latent larger
+than :data:`VAE_TILE_LATENT` cells a side is decoded in overlapping tiles blended linearly (diffusers'
+tiling; pixels change near tile seams, so :attr:`RadSynthPipelineOutput.vae_tiled` records it). A
+float16 VAE whose config says ``force_upcast`` (all RadSynth VAEs, Stable Diffusion's) decodes and
+encodes in float32: float16 activations of the decoder can overflow to inf/NaN on CUDA.
 
 Image-to-image (SDEdit) and region editing (RePaint-style latent blending) share the text-to-image loop:
 ``image`` with ``strength < 1`` starts the sampler part-way from the re-noised image, and ``keep_mask``
@@ -25,6 +33,7 @@ pins the kept region to the re-noised original after every step.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -32,7 +41,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -45,7 +54,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from conditioning.text_encoder import encode_prompts
 from generator._utils import look_up_option
 
-__all__ = ["PRECISIONS", "Precision", "RadSynthPipeline", "RadSynthPipelineOutput", "cpu_has_bf16"]
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "RadSynthPipeline",
+    "RadSynthPipelineOutput",
+    "VAE_SLICE_PIXELS",
+    "VAE_TILE_LATENT",
+    "cpu_has_bf16",
+]
 
 #: Numeric precision of the UNet forward: ``"auto"`` resolves to one of the others per device.
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -55,6 +72,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Text states kept per pipeline (prompt strings -> ``(L, D)`` hidden states).
 _PROMPT_CACHE_SIZE = 4096
+
+#: ``vae_slicing=None`` decodes one image at a time when a batch has more decoded pixels than this
+#: (2**20: 4 images of 512 px, 16 of 256 px, 64 of 128 px).
+VAE_SLICE_PIXELS = 2**20
+
+#: ``vae_tiling=None`` decodes in tiles when the latent side exceeds this many cells (512 px at f=8,
+#: as Stable Diffusion's own tile); it is also the default tile side. Tiles overlap by 25 %.
+VAE_TILE_LATENT = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,11 +114,15 @@ class RadSynthPipelineOutput(BaseOutput):
         seeds: The seed of each image.
         precision: The precision the UNet ran in (``"fp32"``, ``"bf16"`` or ``"fp16"``; ``"auto"``
             resolved). Pass it back as ``precision=`` to regenerate the same pixels.
+        vae_tiled: Whether the VAE decoded in tiles (pixels near tile seams differ from an untiled
+            decode); pass it back as ``vae_tiling=`` (with the same ``vae_tile_size``) to regenerate
+            the same pixels.
     """
 
     images: np.ndarray | list | torch.Tensor
     seeds: list[int]
     precision: str = "fp32"
+    vae_tiled: bool = False
 
 
 class RadSynthPipeline(DiffusionPipeline):
@@ -283,21 +312,121 @@ class RadSynthPipeline(DiffusionPipeline):
         noise = self.make_noise(seeds).to(device=self._execution_device, dtype=self.unet.dtype)
         return noise * self.scheduler.init_noise_sigma
 
+    @contextlib.contextmanager
+    def _vae_in_float32_if_needed(self) -> Iterator[torch.dtype]:
+        """Run the VAE in float32 when it is float16 and its config has ``force_upcast`` (diffusers'
+        Stable Diffusion pattern: float16 decoder activations overflow); yields the dtype to feed it.
+        The weights are cast back afterwards (float16 -> float32 -> float16 is exact)."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:
+            torch.nn.Module.to(vae, dtype=torch.float32)  # plain cast, as in denoiser()
+        try:
+            yield vae.dtype
+        finally:
+            if upcast:
+                torch.nn.Module.to(vae, dtype=torch.float16)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 1, H, W)`` images in ``[0, 1]`` -> ``(B, C, h, w)`` latents (VAE posterior mean times
-        ``scaling_factor``, the training convention), float32 on the execution device."""
-        x = images.to(device=self._execution_device, dtype=self.vae.dtype) * 2.0 - 1.0
-        if int(self.vae.config.in_channels) == 3:
-            x = x.expand(-1, 3, -1, -1)
-        mean = self.vae.encode(x).latent_dist.mean
+        ``scaling_factor``, the training convention), float32 on the execution device. A float16
+        VAE with ``force_upcast`` encodes in float32."""
+        with self._vae_in_float32_if_needed() as vae_dtype:
+            x = images.to(device=self._execution_device, dtype=vae_dtype) * 2.0 - 1.0
+            if int(self.vae.config.in_channels) == 3:
+                x = x.expand(-1, 3, -1, -1)
+            mean = self.vae.encode(x).latent_dist.mean
         return mean.float() * float(self.vae.config.scaling_factor)
 
+    def vae_decode_plan(
+        self,
+        latent_shape: Sequence[int],
+        vae_slicing: bool | None = None,
+        vae_tiling: bool | None = None,
+        vae_tile_size: int | None = None,
+    ) -> tuple[bool, int | None]:
+        """How :meth:`decode_latents` decodes ``(B, C, h, w)`` latents: ``(sliced, tile)``.
+
+        Args:
+            latent_shape: ``(B, C, h, w)`` of the latents.
+            vae_slicing: ``True``: one image per VAE call; ``False``: the whole batch in one call;
+                ``None``: sliced when ``B > 1`` and the batch has more than :data:`VAE_SLICE_PIXELS`
+                decoded pixels, or when ``vae.enable_slicing()`` was called.
+            vae_tiling: ``True``: tiles of ``vae_tile_size`` latent cells (default
+                :data:`VAE_TILE_LATENT`, or half the latent side when that is smaller, so that
+                ``True`` always tiles); ``False``: never; ``None``: tiles of ``vae_tile_size`` (default
+                :data:`VAE_TILE_LATENT`) when ``max(h, w)`` exceeds it.
+            vae_tile_size: Tile side in latent cells (``vae_scale_factor`` times that in pixels), >= 2.
+
+        Returns:
+            Whether to slice, and the tile side in latent cells, or ``None`` when the latent is decoded
+            whole. Under ``vae_tiling=None`` a VAE on which ``enable_tiling()`` was called keeps its own
+            tile side.
+
+        Raises:
+            ValueError: ``vae_slicing``/``vae_tiling`` not a bool or None, ``vae_tile_size`` not an
+                integer >= 2, or ``latent_shape`` not 4 positive sizes.
+        """
+        for name, value in (("vae_slicing", vae_slicing), ("vae_tiling", vae_tiling)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True, False or None, got {value!r}")
+        if vae_tile_size is not None and (
+            isinstance(vae_tile_size, bool) or not isinstance(vae_tile_size, int) or vae_tile_size < 2
+        ):
+            raise ValueError(f"vae_tile_size must be an integer >= 2 (latent cells), got {vae_tile_size!r}")
+        shape = tuple(int(n) for n in latent_shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"latent_shape must be (B, C, h, w) with sizes >= 1, got {tuple(latent_shape)}")
+        batch, side = shape[0], max(shape[2], shape[3])
+        pixels = batch * shape[2] * shape[3] * self.vae_scale_factor**2
+        if vae_slicing is None:
+            sliced = batch > 1 and (pixels > VAE_SLICE_PIXELS or bool(getattr(self.vae, "use_slicing", False)))
+        else:
+            sliced = vae_slicing and batch > 1
+        tile = vae_tile_size or VAE_TILE_LATENT
+        if vae_tiling is False:
+            return sliced, None
+        if vae_tiling is None:
+            if vae_tile_size is None and getattr(self.vae, "use_tiling", False):
+                tile = int(self.vae.tile_latent_min_size)  # the user's vae.enable_tiling()
+            return sliced, (tile if side > tile else None)
+        if vae_tile_size is None and side <= tile:
+            tile = max(2, -(-side // 2))
+        return sliced, (tile if side > tile else None)
+
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> ``(B, 1, H, W)`` float32 images in ``[0, 1]`` (RGB VAEs averaged to gray)."""
-        scaled = latents / self.vae.config.scaling_factor
-        decoded = self.vae.decode(scaled.to(self.vae.dtype)).sample.float()
+    def decode_latents(
+        self,
+        latents: torch.Tensor,
+        *,
+        vae_slicing: bool | None = None,
+        vae_tiling: bool | None = None,
+        vae_tile_size: int | None = None,
+    ) -> torch.Tensor:
+        """``(B, C, h, w)`` latents (scaled by ``scaling_factor``) -> ``(B, 1, H, W)`` float32 images
+        in ``[0, 1]`` on the execution device (RGB VAEs averaged to gray).
+
+        Sliced and tiled as :meth:`vae_decode_plan` says, with diffusers' own ``AutoencoderKL`` slicing
+        and tiling (tile overlap 25 %, linear blending); the VAE's slicing/tiling settings are restored
+        afterwards. A float16 VAE with ``force_upcast`` decodes in float32.
+        """
+        sliced, tile = self.vae_decode_plan(tuple(latents.shape), vae_slicing, vae_tiling, vae_tile_size)
+        vae = self.vae
+        names = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_latent_min_size")
+        saved = {k: getattr(vae, k) for k in names}
+        scaled = latents / vae.config.scaling_factor
+        try:
+            vae.use_slicing = sliced
+            vae.use_tiling = tile is not None
+            if tile is not None:
+                vae.tile_latent_min_size = tile
+                vae.tile_sample_min_size = tile * self.vae_scale_factor
+            with self._vae_in_float32_if_needed() as vae_dtype:
+                decoded = vae.decode(scaled.to(vae_dtype)).sample.float()
+        finally:
+            for k, v in saved.items():
+                setattr(vae, k, v)
         if decoded.shape[1] == 3:
             decoded = decoded.mean(dim=1, keepdim=True)
         return ((decoded + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -334,6 +463,9 @@ class RadSynthPipeline(DiffusionPipeline):
         autocast_bf16: bool | None = None,
         callback: Callable[[int, int], None] | None = None,
         return_dict: bool = True,
+        vae_slicing: bool | None = None,
+        vae_tiling: bool | None = None,
+        vae_tile_size: int | None = None,
     ) -> RadSynthPipelineOutput | tuple:
         """Generate one image per prompt, from noise or from a starting ``image``.
 
@@ -359,7 +491,8 @@ class RadSynthPipeline(DiffusionPipeline):
                 (paste ``image`` back yourself for exact pixels).
             precision: UNet arithmetic: ``"auto"`` (bf16 autocast where the hardware has it, see
                 :meth:`resolve_precision`), ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA/MPS) autocast.
-                The VAE and the sampler's arithmetic stay float32.
+                The sampler's arithmetic stays float32, and so does the VAE's unless it was loaded in
+                float16 without ``force_upcast``.
             output_type: ``"np"`` (``(B, H, W)`` float32 in ``[0, 1]``), ``"pil"``, ``"pt"``
                 (``(B, 1, H, W)`` tensor) or ``"latent"`` (the undecoded ``(B, C, h, w)`` float32
                 latents, scaled like :meth:`encode_images`' output).
@@ -368,6 +501,14 @@ class RadSynthPipeline(DiffusionPipeline):
                 to ``precision``.
             callback: Called as ``callback(step_index, num_steps_run)`` after each step.
             return_dict: Return a :class:`RadSynthPipelineOutput` (else ``(images, seeds)``).
+            vae_slicing: Decode one image per VAE call (bounded memory for large batches; the same
+                pixels within 1e-5). ``None`` (default): when the batch exceeds :data:`VAE_SLICE_PIXELS`
+                decoded pixels. See :meth:`vae_decode_plan`.
+            vae_tiling: Decode each image in overlapping tiles (bounded memory for large images;
+                pixels near seams change). ``None`` (default): when the latent side exceeds
+                ``vae_tile_size`` (default :data:`VAE_TILE_LATENT`). Recorded in
+                :attr:`RadSynthPipelineOutput.vae_tiled`.
+            vae_tile_size: Tile side in latent cells (pixels: times :attr:`vae_scale_factor`).
 
         Raises:
             ValueError: an invalid argument (named in the message).
@@ -389,6 +530,9 @@ class RadSynthPipeline(DiffusionPipeline):
             raise ValueError("keep_mask needs an image (the original to keep)")
         pixels = None if image is None else self._pixel_batch(image, len(prompts), "image")
         mask = None if keep_mask is None else self._pixel_batch(keep_mask, len(prompts), "keep_mask")
+        side = int(self.unet.config.sample_size)
+        latent_shape = (len(prompts), int(self.unet.config.in_channels), side, side)
+        _, tile = self.vae_decode_plan(latent_shape, vae_slicing, vae_tiling, vae_tile_size)
 
         # 2. Encode the prompts (and the negative/null prompts for guidance), each distinct one once.
         cond = self.encode_prompt(prompts)
@@ -448,8 +592,13 @@ class RadSynthPipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i, len(timesteps))
 
-        # 7. Decode (the whole batch in one VAE call, float32).
-        images = self.decode_latents(latents) if output_type != "latent" else latents
+        # 7. Decode (float32; sliced / tiled as vae_decode_plan says).
+        if output_type != "latent":
+            images = self.decode_latents(
+                latents, vae_slicing=vae_slicing, vae_tiling=vae_tiling, vae_tile_size=vae_tile_size
+            )
+        else:
+            images = latents
 
         # 8. Post-process to the requested type.
         if output_type == "latent":
@@ -467,4 +616,6 @@ class RadSynthPipeline(DiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return (out, seeds)
-        return RadSynthPipelineOutput(images=out, seeds=seeds, precision=precision)
+        return RadSynthPipelineOutput(
+            images=out, seeds=seeds, precision=precision, vae_tiled=tile is not None and output_type != "latent"
+        )

@@ -61,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(its resolution must equal --resolution)")
     p.add_argument("--output", required=True, help="model folder to write")
     p.add_argument("--resolution", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--preset", default="small", help="tiny | small | base (default small)")
+    p.add_argument("--preset", default="small", help="tiny | small | base (32-64 px) | cxr128 | cxr256 | cxr512 (default small); the cxr "
+                        "presets take only their own resolution (128/256/512)")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the whole run")
     p.add_argument("--max-steps", type=int, default=None, help="upper bound of steps per stage")
     p.add_argument("--text-encoder", default=None,
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from generator._utils import cpu_only
     from generator.data import Augment
 
-    from generator.models.config import get_preset
+    from generator.models.config import PRESET_DOWNSAMPLING, get_preset
     from generator.training import Trainer
 
     check_flags(args)
@@ -207,7 +208,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.init_from is None:  # fine-tuning may reuse the model's VAE (the Trainer checks then)
             config.vae_block_channels(args.resolution)  # fail fast on an impossible resolution
-    except ValueError:
+    except ValueError as exc:
+        if args.preset in PRESET_DOWNSAMPLING:  # resolution presets: their own message names the size
+            raise ValueError(f"--resolution: {exc}") from None
         raise ValueError(
             f"--resolution must be latent_size ({config.latent_size}) of preset {args.preset!r} times a power "
             f"of two (e.g. {config.latent_size * 2} or {config.latent_size * 4}), got {args.resolution}"

@@ -88,3 +88,59 @@ def test_prompts_are_encoded_once(pipe):
 
     fresh = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["dark field", "bright square"])
     torch.testing.assert_close(pipe.encode_prompt(["dark field", "bright square"]), fresh, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ float16 VAE (issue 9: CUDA paths)
+def _half_vae_pipeline(pipe, force_upcast: bool):
+    """``pipe`` with a float16 copy of its VAE (as ``load_pipeline`` gives on CUDA), and the float32 VAE
+    holding the same (float16-rounded) weights."""
+    import copy
+
+    from generator.models.pipeline import RadSynthPipeline
+
+    vae16 = copy.deepcopy(pipe.vae)
+    torch.nn.Module.to(vae16, dtype=torch.float16)
+    vae16.register_to_config(force_upcast=force_upcast)
+    rounded = copy.deepcopy(vae16)
+    torch.nn.Module.to(rounded, dtype=torch.float32)
+    make = lambda vae: RadSynthPipeline(vae=vae, unet=pipe.unet, text_encoder=pipe.text_encoder,  # noqa: E731
+                                        tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+    return make(vae16), make(rounded)
+
+
+def _decoder_input_dtypes(vae):
+    seen: list[torch.dtype] = []
+    return seen, vae.decoder.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+
+
+def test_float16_vae_with_force_upcast_decodes_in_float32(pipe):
+    """diffusers' Stable Diffusion pattern: a float16 VAE whose config says force_upcast runs in float32
+    (float16 decoder activations overflow on CUDA) and is float16 again afterwards."""
+    p16, p32 = _half_vae_pipeline(pipe, force_upcast=True)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    seen, hook = _decoder_input_dtypes(p16.vae)
+    try:
+        a = p16.decode_latents(z)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32] and p16.vae.dtype == torch.float16
+    torch.testing.assert_close(a, p32.decode_latents(z), rtol=0, atol=0)  # same float32 arithmetic
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(p16.encode_images(x), p32.encode_images(x), rtol=0, atol=0)
+    assert p16.vae.dtype == torch.float16
+    out = p16(PROMPTS[:2], seeds=[0, 1], num_inference_steps=2, precision="fp32")
+    ref = p32(PROMPTS[:2], seeds=[0, 1], num_inference_steps=2, precision="fp32")
+    np.testing.assert_array_equal(out.images, ref.images)
+
+
+def test_float16_vae_without_force_upcast_stays_float16(pipe):
+    p16, p32 = _half_vae_pipeline(pipe, force_upcast=False)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen, hook = _decoder_input_dtypes(p16.vae)
+    try:
+        a = p16.decode_latents(z)
+    finally:
+        hook.remove()
+    assert seen == [torch.float16] and a.dtype == torch.float32
+    diff = (a - p32.decode_latents(z)).abs().max()
+    assert 0 < diff < 0.02, diff  # float16 rounding, not float32
