@@ -14,13 +14,21 @@ Decision rule, per image (:class:`Verdict`):
   ``leak_threshold`` (a near-exact copy).
 - ``review``: the same at ``review_alpha``.
 - ``keep``: otherwise.
+
+Splitting an audit across processes (``radsynth audit`` under ``torchrun``/``accelerate launch``):
+each process turns its share of the images into verdicts with :func:`audit_verdicts`, writes them
+with :func:`verdict_to_record` (lossless JSON), and one process reads them back with
+:func:`verdict_from_record` and builds the :class:`AuditResult` with :func:`merge_verdict_parts`.
+The summary is a function of the verdicts alone (:func:`summarize_verdicts`, which
+:func:`audit_images` uses too), so the merged result equals the single-process one whenever each
+image's scores do not depend on which other images were scored with it.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -367,19 +375,52 @@ def audit_images(
     scores = index.score(images, k=k, progress=progress)
     names = [str(i) for i in range(len(images))] if file_names is None else list(file_names)
     verdicts = verdicts_from_scores(index, scores, names, alpha)
+    return summarize_verdicts(index, verdicts, self_test=self_test)
+
+
+def summarize_verdicts(
+    index: ReferenceIndex,
+    verdicts: Sequence[ImageVerdict],
+    self_test: bool | Mapping[str, float] = True,
+) -> AuditResult:
+    """The :class:`AuditResult` of a list of verdicts: the dataset summary of :func:`audit_images`.
+
+    Everything in the summary is computed from the verdicts (each keeps its raw nearest similarity
+    per view in ``similarity`` and its decision statistic in ``score``) and the index, so verdicts
+    computed in pieces (several processes) give the same summary as one call of :func:`audit_images`.
+
+    Args:
+        index: The calibrated reference index the verdicts were computed with.
+        verdicts: One :class:`ImageVerdict` per image, in input order, all at the same ``alpha``.
+        self_test: ``True``: run :func:`planted_copy_self_test` at the verdicts' ``alpha``;
+            ``False``: leave it out; a mapping: its already computed result.
+
+    Returns:
+        :class:`AuditResult` (summary keys as in :func:`audit_images`).
+
+    Raises:
+        ValueError: no verdicts, or verdicts at different ``alpha``.
+    """
+    verdicts = list(verdicts)
+    if not verdicts:
+        raise ValueError("no images to audit: the synthetic set is empty")
     a = verdicts[0].alpha
     ra = verdicts[0].review_alpha
+    if any(x.alpha != a or x.review_alpha != ra for x in verdicts):
+        raise ValueError(f"verdicts must share one alpha/review_alpha, got alpha {sorted({x.alpha for x in verdicts})}")
     n = len(verdicts)
     counts = {v.value: sum(x.verdict is v for x in verdicts) for v in VERDICTS}
     rejected = [x for x in verdicts if x.verdict is Verdict.REJECT]
     copied = sorted({x.nearest_ids[0] for x in rejected if x.nearest_ids})
     has_pids = any(p is not None for p in index.patient_ids)
     cal = index.calibration
+    nearest = {v: np.array([x.similarity[v] for x in verdicts], dtype=np.float64) for v in VIEW_NAMES}
+    fused = np.array([x.score for x in verdicts], dtype=np.float64)
     quant = {
-        v: {"synthetic": _quantiles(scores.nearest[v]), "heldout": _quantiles(cal.null[v])}
+        v: {"synthetic": _quantiles(nearest[v]), "heldout": _quantiles(cal.null[v])}
         for v in VIEW_NAMES
     }
-    quant["fused"] = {"synthetic": _quantiles(scores.fused), "heldout": _quantiles(cal.statistic_null)}
+    quant["fused"] = {"synthetic": _quantiles(fused), "heldout": _quantiles(cal.statistic_null)}
     summary: dict[str, Any] = {
         "n_images": n,
         "counts": counts,
@@ -407,6 +448,122 @@ def audit_images(
         summary["training_patients_copied"] = len(pats)
         summary["share_training_patients_copied"] = round(len(pats) / max(n_pat, 1), 6)
         summary["copied_patient_ids"] = pats
-    if self_test:
+    if isinstance(self_test, Mapping):
+        summary["self_test"] = dict(self_test)
+    elif self_test:
         summary["self_test"] = planted_copy_self_test(index, alpha=a)
     return AuditResult(images=verdicts, summary=summary)
+
+
+# ---------------------------------------------------------------------- split across processes
+#: Version of the per-process record layout written by :func:`verdict_to_record`.
+PART_FORMAT = 1
+
+
+def audit_verdicts(
+    index: ReferenceIndex,
+    images: np.ndarray,
+    file_names: Sequence[str],
+    alpha: float | None = None,
+    k: int = 5,
+    progress: bool = False,
+) -> list[ImageVerdict]:
+    """Verdicts for one process's share of the images (no summary); an empty share gives ``[]``.
+
+    Args:
+        index: The calibrated reference index.
+        images: ``(Q, R, R)`` float32 images in ``[0, 1]`` at the index resolution; ``Q`` may be 0.
+        file_names: ``(Q,)`` ids.
+        alpha: Reject false-flag rate; default the index's.
+        k: Neighbours reported per view.
+        progress: Show progress.
+
+    Raises:
+        ValueError: wrong resolution, bad ``alpha``, ``file_names`` of the wrong length.
+    """
+    if len(file_names) != len(images):
+        raise ValueError(f"file_names has {len(file_names)} entries but images has {len(images)}")
+    if len(images) == 0:
+        return []
+    return verdicts_from_scores(index, index.score(images, k=k, progress=progress), list(file_names), alpha)
+
+
+def verdict_to_record(verdict: ImageVerdict) -> dict[str, Any]:
+    """A lossless JSON-serialisable record of an :class:`ImageVerdict` (raw floats, unlike
+    :meth:`ImageVerdict.to_dict`, which rounds): ``verdict_from_record(json.loads(json.dumps(r)))``
+    equals the original. Non-finite floats are written as JSON ``NaN``/``Infinity``."""
+    return {
+        "file_name": verdict.file_name,
+        "verdict": verdict.verdict.value,
+        "reasons": list(verdict.reasons),
+        "similarity": {k: float(v) for k, v in verdict.similarity.items()},
+        "view_thresholds": {k: float(v) for k, v in verdict.view_thresholds.items()},
+        "review_thresholds": {k: float(v) for k, v in verdict.review_thresholds.items()},
+        "deciding_view": verdict.deciding_view,
+        "score": float(verdict.score),
+        "threshold": float(verdict.threshold),
+        "review_threshold": float(verdict.review_threshold),
+        "alpha": float(verdict.alpha),
+        "review_alpha": float(verdict.review_alpha),
+        "p_value": float(verdict.p_value),
+        "neighbours": {k: [dict(n) for n in v] for k, v in verdict.neighbours.items()},
+        "nn_ratio": float(verdict.nn_ratio),
+        "nearest_patient_id": verdict.nearest_patient_id,
+        "authentic": bool(verdict.authentic),
+    }
+
+
+def verdict_from_record(record: Mapping[str, Any]) -> ImageVerdict:
+    """Inverse of :func:`verdict_to_record`.
+
+    Raises:
+        ValueError: ``record`` is not such a record (a missing or unknown key, an unknown verdict).
+    """
+    names = set(ImageVerdict.__dataclass_fields__)
+    if not isinstance(record, Mapping) or set(record) != names:
+        got = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+        raise ValueError(f"record must have exactly the keys {sorted(names)}, got {got}")
+    try:
+        return ImageVerdict(**dict(record))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"record of {record.get('file_name')!r} is not an image verdict: {exc}") from None
+
+
+def merge_verdict_parts(
+    index: ReferenceIndex,
+    parts: Iterable[tuple[Sequence[int], Sequence[ImageVerdict]]],
+    n_images: int,
+    self_test: bool | Mapping[str, float] = True,
+) -> AuditResult:
+    """Put the verdicts of several processes back in input order and summarize them.
+
+    Args:
+        index: The calibrated reference index all parts were scored with.
+        parts: Per process ``(positions, verdicts)``: the input positions of its images and their
+            verdicts, in the same order.
+        n_images: Number of images of the whole audit; the positions of all parts together must be
+            exactly ``0 .. n_images - 1``.
+        self_test: As in :func:`summarize_verdicts`.
+
+    Returns:
+        The :class:`AuditResult` that :func:`audit_images` gives for the whole input, when the
+        per-image scores do not depend on the batch they were computed in.
+
+    Raises:
+        ValueError: a part whose positions and verdicts differ in length, or positions that repeat,
+            fall outside ``[0, n_images)`` or leave an image out.
+    """
+    slots: list[ImageVerdict | None] = [None] * int(n_images)
+    for positions, verdicts in parts:
+        if len(positions) != len(verdicts):
+            raise ValueError(f"a part has {len(positions)} positions but {len(verdicts)} verdicts")
+        for pos, verdict in zip(positions, verdicts):
+            if not 0 <= int(pos) < n_images:
+                raise ValueError(f"position {pos} is outside [0, {n_images})")
+            if slots[int(pos)] is not None:
+                raise ValueError(f"position {pos} appears in more than one part")
+            slots[int(pos)] = verdict
+    missing = [i for i, v in enumerate(slots) if v is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {n_images} images have no verdict (first: position {missing[0]})")
+    return summarize_verdicts(index, [v for v in slots if v is not None], self_test=self_test)

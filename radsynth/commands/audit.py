@@ -1,10 +1,20 @@
-"""``radsynth audit``: audit a folder of synthetic images for copies of training images."""
+"""``radsynth audit``: audit a folder of synthetic images for copies of training images.
+
+Under ``torchrun`` / ``accelerate launch`` the images are split across the processes: process ``r`` of
+``N`` audits images ``i`` with ``i % N == r`` and writes its verdicts (lossless JSON, atomically) into
+the hidden folder ``<synthetic>/.radsynth-audit-parts/``; after a barrier the main process reads them,
+merges them in image order, writes the one JSON/HTML report and the one manifest update, and deletes
+the folder. The planted-copy self-test runs on the last process while the others audit. With one
+process the audit runs as before, in one call of :func:`privacy.audit.audit_images`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 HELP = (
     "Compare every image of a synthetic imagefolder with the training images of a reference index "
@@ -15,15 +25,21 @@ HELP = (
     "images copied, similarity quantiles against held-out images, expected chance flags) is printed "
     "and written with --json; --html writes a review page showing each flagged image beside its "
     "nearest training images. A passed audit is not a privacy guarantee: only differentially "
-    "private training gives one."
+    "private training gives one. Under torchrun or accelerate launch the images are split across the "
+    "processes and the main process writes one report, the same as a single process would."
 )
 
 EPILOG = """examples:
   radsynth audit --index runs/index --synthetic runs/samples
   radsynth audit --index runs/index --synthetic runs/samples --alpha 0.001 --json audit.json --html audit.html
+
+  # split across 4 processes (one report, written by the main process)
+  torchrun --nproc_per_node 4 -m radsynth audit --index runs/index --synthetic runs/samples --json audit.json
 """
 
 _IMAGE_ENDINGS = (".png", ".jpg", ".jpeg", ".dcm", ".nii", ".nii.gz", ".tif", ".tiff")
+#: Hidden folder in the synthetic folder holding the per-process verdicts of a split audit.
+PARTS_DIR = ".radsynth-audit-parts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,20 +60,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Audit the folder; print the summary. Returns 0 (also when images are flagged)."""
+    """Audit the folder; print the summary. Returns 0 (also when images are flagged).
+
+    Several processes (``torchrun``/``accelerate launch``) split the images; only the main process
+    writes the report, updates the manifest and prints.
+    """
+    from accelerate import PartialState
+
+    from generator._utils import cpu_only
     from generator.data import load_dataset
     from generator.manifest import update_fields
     from privacy.audit import audit_images
     from privacy.index import ReferenceIndex
     from privacy.report import write_html, write_json
 
+    state = PartialState(cpu=cpu_only())
+    main = state.is_main_process
     index = ReferenceIndex.load(args.index)
     folder = args.synthetic
     if not folder.is_dir():
         raise FileNotFoundError(f"synthetic folder {folder} does not exist")
     if not any(p.is_file() and p.name.lower().endswith(_IMAGE_ENDINGS) for p in folder.rglob("*")):
         raise ValueError(f"synthetic folder {folder} is empty: it holds no image files")
-    data = load_dataset(folder, progress=not args.quiet)
+    data = load_dataset(folder, progress=not args.quiet and main)
     if not data.records:
         raise ValueError(f"synthetic folder {folder} is empty: no usable images were read")
     res = index.resolution
@@ -70,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
         )
     images = data.stack()
     names = [r.file_name for r in data.records]
-    result = audit_images(index, images, names, alpha=args.alpha, self_test=not args.no_self_test,
-                          progress=not args.quiet)
+    if state.num_processes == 1:
+        result = audit_images(index, images, names, alpha=args.alpha, self_test=not args.no_self_test,
+                              progress=not args.quiet)
+    else:
+        split = _audit_split(state, index, images, names, folder, alpha=args.alpha,
+                             self_test=not args.no_self_test, progress=not args.quiet and main)
+        if split is None:  # not the main process: its verdicts are in the main process's report
+            return 0
+        result = split
     s = result.summary
     n_updated = 0
     if (folder / "metadata.jsonl").is_file():
@@ -103,3 +135,72 @@ def run(args: argparse.Namespace) -> int:
             print(f"  wrote {path}")
     print(s["statement"])
     return 0
+
+
+def _audit_split(state: Any, index: Any, images: Any, names: list[str], folder: Path, *,
+                 alpha: float | None, self_test: bool, progress: bool) -> Any:
+    """This process's share of the audit; on the main process the merged ``AuditResult``, else ``None``.
+
+    Process ``r`` of ``N`` audits images ``r, r + N, ...`` and writes ``rank-<r>.json`` (positions
+    and lossless verdict records) atomically into ``folder/PARTS_DIR``; the last process also runs
+    the planted-copy self-test. After a barrier the main process reads all ``N`` files, merges them
+    in image order (:func:`privacy.audit.merge_verdict_parts`) and deletes the folder.
+
+    Args:
+        state: ``accelerate.PartialState`` of the launched group.
+        index: The loaded ``ReferenceIndex``.
+        images: ``(Q, R, R)`` float32 images in ``[0, 1]`` (all of them, on every process).
+        names: ``(Q,)`` file names.
+        folder: The synthetic folder (holds the hidden parts folder while the audit runs).
+        alpha: Reject false-flag rate (``None``: the index's).
+        self_test: Include the planted-copy self-test.
+        progress: Show progress bars.
+
+    Raises:
+        ValueError: a part file is missing, damaged or from another audit (the message names it).
+    """
+    from generator.manifest import atomic_write_text
+    from privacy.audit import (
+        PART_FORMAT,
+        audit_verdicts,
+        merge_verdict_parts,
+        planted_copy_self_test,
+        verdict_from_record,
+        verdict_to_record,
+    )
+
+    rank, world, n = state.process_index, state.num_processes, len(names)
+    parts_dir = folder / PARTS_DIR
+    state.wait_for_everyone()  # every process has read the folder before the parts folder appears
+    if state.is_main_process:
+        shutil.rmtree(parts_dir, ignore_errors=True)  # left by an audit that was killed
+        parts_dir.mkdir()
+    state.wait_for_everyone()
+    mine = list(range(rank, n, world))
+    verdicts = audit_verdicts(index, images[mine], [names[i] for i in mine], alpha=alpha, progress=progress)
+    part: dict[str, Any] = {
+        "format": PART_FORMAT, "rank": rank, "num_processes": world, "n_images": n,
+        "positions": mine, "verdicts": [verdict_to_record(v) for v in verdicts],
+    }
+    if self_test and rank == world - 1:
+        a = index.alpha if alpha is None else float(alpha)
+        part["self_test"] = planted_copy_self_test(index, alpha=a)
+    atomic_write_text(parts_dir / f"rank-{rank:05d}.json", json.dumps(part))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    parts, tested = [], None
+    for r in range(world):
+        path = parts_dir / f"rank-{r:05d}.json"
+        try:
+            got = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"audit part {path} is missing or damaged ({exc})") from None
+        if not isinstance(got, dict) or got.get("format") != PART_FORMAT or got.get("rank") != r \
+                or got.get("num_processes") != world or got.get("n_images") != n:
+            raise ValueError(f"audit part {path} does not belong to this audit of {n} images by {world} processes")
+        parts.append((got["positions"], [verdict_from_record(rec) for rec in got["verdicts"]]))
+        tested = got.get("self_test", tested)
+    result = merge_verdict_parts(index, parts, n, self_test=tested if self_test else False)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    return result
