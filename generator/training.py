@@ -976,7 +976,10 @@ class Trainer:
         plan = self._plan(stage, default_steps, start)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan, self.config.warmup_steps))
-        model, opt, sched = self.accelerator.prepare(model, opt, sched)
+        # The scheduler is not prepared: accelerate would step it once per process per optimiser step,
+        # so the schedule (and a checkpoint's scheduler state) would depend on the world size. Stepped
+        # once per loop step here, its counter is always the stage's step.
+        model, opt = self.accelerator.prepare(model, opt)
         step = self._maybe_resume(stage, plan, model, opt, sched, ema)
         self.accelerator.step = step  # micro-step counter of gradient accumulation
         self.log.start(stage, plan.total if plan.total < 10**7 else None, step)
@@ -984,10 +987,16 @@ class Trainer:
 
     def _out_of_time(self, stage: str, plan: _Plan, step: int, first_step: int) -> bool:
         """Whether the stage's clock has run out (never before its first step of this run)."""
-        if plan.deadline is None or step == first_step or time.monotonic() < plan.deadline:
+        if plan.deadline is None or step == first_step:
             return False
-        self._say(f"{stage.upper()} stage reached its time budget at step {step}")
-        return True
+        stop = time.monotonic() >= plan.deadline
+        acc = self.accelerator
+        if acc.num_processes > 1:  # one decision for all processes, or the others wait in a collective
+            flag = torch.tensor([int(stop)], device=acc.device)
+            stop = bool(acc.reduce(flag, reduction="sum").item() > 0)
+        if stop:
+            self._say(f"{stage.upper()} stage reached its time budget at step {step}")
+        return stop
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, stage: str, step: int, plan: _Plan, model: Any, opt: Any, sched: Any,
@@ -1064,7 +1073,12 @@ class Trainer:
         # Under a time budget, fit the cosine schedule to the steps the clock allows (once).
         if plan.deadline is not None and step - s0 == 20 and self.max_steps is None:
             remaining = max(0.0, plan.deadline - time.monotonic())
-            plan.total = step + max(1, int(remaining * rate * 0.97))
+            total = [step + max(1, int(remaining * rate * 0.97))]
+            if acc.num_processes > 1:  # the main process's estimate for all (same schedule everywhere)
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(total, from_process=0)
+            plan.total = int(total[0])
             if self.log.bar is not None:
                 self.log.bar.total = plan.total
         self.log.step(1, loss=f"{losses[-1]:.4f}")

@@ -29,6 +29,10 @@ from privacy._files import current_umask
 EMBED_SIZE = 32
 
 
+#: Images per forward pass of :meth:`CopyEmbedder.embed` (fixed, for batch-invariant embeddings).
+EMBED_BLOCK = 64
+
+
 @dataclass(frozen=True)
 class EmbedderConfig:
     """Training and architecture settings of :class:`CopyEmbedder` (stored beside the weights).
@@ -101,21 +105,37 @@ class CopyEmbedder(nn.Module):
         return F.normalize(self.head(self.features(x)), dim=1)
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray, batch_size: int = 1024, progress: bool = False) -> np.ndarray:
+    def embed(self, images: np.ndarray, batch_size: int = EMBED_BLOCK, progress: bool = False) -> np.ndarray:
         """Embed ``(N, H, W)`` float images in ``[0, 1]``.
+
+        Images go through the network in blocks of exactly :data:`EMBED_BLOCK` (the last one padded
+        with blank images), so an image's embedding does not depend on which other images share the call
+        (oneDNN/MKL pick their kernels by batch shape): a split audit or a privacy gate under several
+        processes gives the same values as one process.
+
+        Args:
+            images: ``(N, H, W)`` float images in ``[0, 1]``.
+            batch_size: Accepted for compatibility; blocks are always :data:`EMBED_BLOCK` images.
+            progress: Show a tqdm bar.
 
         Returns:
             ``(N, dim)`` float32 unit rows.
         """
+        del batch_size
         was_training = self.training
         self.eval()
         out = []
         for start in tqdm(
-            range(0, len(images), batch_size), desc="embed", disable=not progress, leave=False
+            range(0, len(images), EMBED_BLOCK), desc="embed", disable=not progress, leave=False
         ):
-            x = _to_tensor(images[start : start + batch_size]).contiguous(memory_format=torch.channels_last)
-            out.append(self(x).numpy())
+            x = _to_tensor(images[start : start + EMBED_BLOCK])
+            n = x.shape[0]
+            if n < EMBED_BLOCK:
+                x = torch.cat([x, x.new_zeros((EMBED_BLOCK - n, *x.shape[1:]))])
+            out.append(self(x.contiguous(memory_format=torch.channels_last))[:n].numpy())
         self.train(was_training)
+        if not out:
+            return np.zeros((0, self.config.dim), dtype=np.float32)
         return np.concatenate(out).astype(np.float32)
 
     def save(self, path: str | Path, metadata: Mapping[str, Any] | None = None) -> None:

@@ -36,6 +36,10 @@ _EPS = 1e-6
 #: Windows whose centred norm is below this (per-pixel std under ~4e-5 of the [0, 1] range on a
 #: 24 x 24 window) are flat: their correlation is undefined and counted as 0.
 _FLAT_NORM = 1e-3
+#: Queries and candidates per grouped correlation of :func:`shifted_ncc_max` (fixed, padded: results do
+#: not depend on how many queries or candidates a call has, so split audits equal single ones).
+_NCC_QUERY_BLOCK = 16
+_NCC_CAND_BLOCK = 64
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -261,8 +265,8 @@ def shifted_ncc_max(
         candidates: ``(Q, C)`` int indices into the references (``-1`` = no candidate).
         max_shift: Largest shift searched, in pixels.
         flips: Include mirrored queries.
-        chunk: Most queries processed at once (lowered so that a block of query windows stays
-            under about 64 MiB).
+        chunk: Ignored (kept for compatibility): queries and candidates go through fixed-size,
+            padded blocks, so that a pair's similarity does not depend on the rest of the call.
         warps: ``(angle_degrees, zoom)`` query warps searched too (rotation/crop invariance).
 
         return_argmax: Also return, per pair, the index of the best query variant (decode it with
@@ -277,6 +281,50 @@ def shifted_ncc_max(
     arg = np.zeros((q_count, c_count), dtype=np.int64)
     if q_count == 0 or c_count == 0:
         return (out, arg) if return_argmax else out
+    del chunk  # fixed blocks instead: see the docstring
+    s = query_ncc.shape[1]
+    m = int(max_shift)
+    c = s - 2 * m
+    k2 = (2 * m + 1) ** 2
+    n_img = len(warps) * (2 if flips else 1)  # query variant images before shifting
+    qb, cb = _NCC_QUERY_BLOCK, _NCC_CAND_BLOCK
+    refs = torch.from_numpy(_writable(ref_windows))
+    for start in range(0, q_count, qb):
+        stop = min(start + qb, q_count)
+        b = stop - start
+        block = np.zeros((qb, s, s), dtype=np.float32)  # padded with flat images (NCC 0, discarded)
+        block[:b] = query_ncc[start:stop]
+        warped = torch.from_numpy(warp_images(block, warps))  # (qb, W, S, S)
+        if flips:
+            warped = torch.stack([warped, warped.flip(-1)], dim=2)  # (qb, W, 2, S, S)
+        x = warped.reshape(qb, n_img, s, s).transpose(0, 1).contiguous()  # (n_img, qb, S, S)
+        xd = x.double()
+        box_mean = F.avg_pool2d(xd, c, stride=1)  # (n_img, qb, 2m+1, 2m+1)
+        var = (F.avg_pool2d(xd * xd, c, stride=1) - box_mean * box_mean).clamp(min=0.0) * (c * c)
+        norm = var.sqrt().float().transpose(0, 1).reshape(qb, n_img * k2, 1)  # variants: warp, mirror, dy, dx
+        box_mean = box_mean.float().reshape(n_img, qb, 1, k2)
+        cand_rows = np.full((qb, c_count), -1, dtype=np.int64)
+        cand_rows[:b] = candidates[start:stop]
+        for c0 in range(0, c_count, cb):
+            c1 = min(c0 + cb, c_count)
+            cand = np.full((qb, cb), -1, dtype=np.int64)
+            cand[:, : c1 - c0] = cand_rows[:, c0:c1]
+            cand_t = torch.from_numpy(cand)
+            kernels = refs[cand_t.clamp(min=0)].reshape(qb * cb, 1, c, c)  # zero-mean, unit-norm windows
+            # A reference window r has zero mean and unit norm, so the NCC of a query window w with it
+            # is sum(w * r) / ||w - mean(w)||: one grouped correlation gives every shift's numerator (no
+            # block of shifted windows is materialised), box sums give the denominators. Every call has
+            # the same shapes, so a pair's value does not depend on the other queries or candidates.
+            dots = F.conv2d(x, kernels, groups=qb).reshape(n_img, qb, cb, k2)  # sum(w * r) per shift
+            r_sum = kernels.reshape(1, qb, cb, 1, c * c).sum(dim=-1)  # (1, qb, cb, 1): zero up to rounding
+            dots = (dots - box_mean * r_sum).permute(1, 0, 3, 2).reshape(qb, n_img * k2, cb)
+            # a flat window (no contrast: NCC undefined) correlates 0 with everything
+            ncc = torch.where(norm >= _FLAT_NORM, dots / norm.clamp(min=_FLAT_NORM), torch.zeros((), dtype=dots.dtype))
+            sims, best = ncc.max(dim=1)  # (qb, cb)
+            sims = torch.where(cand_t >= 0, sims.clamp(-1.0, 1.0), torch.full_like(sims, -np.inf))
+            out[start:stop, c0:c1] = sims[:b, : c1 - c0].numpy()
+            arg[start:stop, c0:c1] = best[:b, : c1 - c0].numpy()
+    return (out, arg) if return_argmax else out
     s = query_ncc.shape[1]
     m = int(max_shift)
     c = s - 2 * m

@@ -7,7 +7,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["privacy_gate", "export_hook"]
+__all__ = ["privacy_gate", "export_hook", "on_main_process"]
+
+
+def on_main_process(state: Any, fn: Any, *args: Any, **kwargs: Any) -> None:
+    """Run ``fn(*args, **kwargs)`` on the main process only (e.g. creating or clearing the output
+    folder), then let every process continue — or fail with the same error.
+
+    Without this, an error raised on the main process alone (a non-empty ``--output``) would leave the
+    other processes waiting forever at the next barrier.
+
+    Args:
+        state: ``accelerate.PartialState`` of the run.
+
+    Raises:
+        ValueError, FileExistsError, FileNotFoundError, OSError: what ``fn`` raised on the main process
+            (re-raised on every process, with its message).
+    """
+    error: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            fn(*args, **kwargs)
+        except (ValueError, OSError) as exc:
+            error = [(type(exc).__name__, str(exc))]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(error, from_process=0)
+    state.wait_for_everyone()
+    if error[0] is not None:
+        kind, message = error[0]
+        cls = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError,
+               "ValueError": ValueError}.get(kind, OSError)
+        raise cls(message)
 
 
 def privacy_gate(index: Any, resolution: int):

@@ -63,8 +63,15 @@ def run(args: argparse.Namespace) -> int:
     """Audit the folder; print the summary. Returns 0 (also when images are flagged).
 
     Several processes (``torchrun``/``accelerate launch``) split the images; only the main process
-    writes the report, updates the manifest and prints.
+    writes the report, updates the manifest and prints. A volume index (``radsynth index`` of volumes)
+    takes :func:`radsynth.commands._volumes.run_audit_3d`.
     """
+    from privacy.volumes import is_volume_index
+
+    if is_volume_index(args.index):
+        from radsynth.commands._volumes import run_audit_3d
+
+        return run_audit_3d(args)
     from accelerate import PartialState
 
     from generator._utils import cpu_only

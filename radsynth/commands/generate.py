@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from generator._utils import check_device
     from generator.models.samplers import make_sampler
     from generator.models.model_folder import load_pipeline
-    from radsynth.commands._wiring import export_hook, privacy_gate
+    from radsynth.commands._wiring import export_hook, on_main_process, privacy_gate
 
     check_sampling_settings(args.steps, args.guidance_scale, source="--steps/--guidance-scale")
     if args.device is not None:
@@ -180,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "privacy_index": None if args.privacy_index is None else Path(args.privacy_index).name, "formats": sorted(set(args.format or ["png"])),
         "max_resample": args.max_resample,
     }
-    if state.is_main_process:
-        prepare_output(output, settings, requests, overwrite=args.overwrite)
-    state.wait_for_everyone()
+    on_main_process(state, prepare_output, output, settings, requests, overwrite=args.overwrite)
 
     hook = export_hook(set(args.format or ["png"]), output, info, modality=args.modality,
                        images_per_study=args.images_per_study)

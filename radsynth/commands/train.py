@@ -6,6 +6,7 @@ import argparse
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 HELP = """Train a text-conditioned latent diffusion model on your own radiographs or scans.
 
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         from radsynth.commands._volumes import run_train_3d
 
         return run_train_3d(args)
+    from radsynth.commands._wiring import on_main_process
     from accelerate import PartialState
 
     from generator._utils import cpu_only
@@ -215,9 +217,7 @@ def run(args: argparse.Namespace) -> int:
             f"--resolution must be latent_size ({config.latent_size}) of preset {args.preset!r} times a power "
             f"of two (e.g. {config.latent_size * 2} or {config.latent_size * 4}), got {args.resolution}"
         ) from None
-    if state.is_main_process:
-        prepare_output(output, resume=args.resume, overwrite=args.overwrite)
-    state.wait_for_everyone()
+    on_main_process(state, prepare_output, output, resume=args.resume, overwrite=args.overwrite)
     data = training_data(args, output, state)
     result = Trainer(
         data,
@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def training_data(args: argparse.Namespace, output: Path, state: object) -> object:
+def training_data(args: argparse.Namespace, output: Path, state: Any) -> object:
     """What ``--data`` names, as the Trainer takes it.
 
     A prepared folder (``radsynth prepare``): a :class:`PreparedDataset` read from disk. A raw source:
@@ -258,6 +258,7 @@ def training_data(args: argparse.Namespace, output: Path, state: object) -> obje
             both), an unfinished preparation, or a source ``load_dataset``/``prepare`` refuses.
     """
     from radsynth._args import parse_label_text
+    from radsynth.commands._wiring import on_main_process
 
     from generator.data import PreparedDataset, is_prepared, load_dataset, prepare
     from generator.data.prepared import PROGRESS_NAME
@@ -272,8 +273,7 @@ def training_data(args: argparse.Namespace, output: Path, state: object) -> obje
     if not args.stream_from_disk:
         return load_dataset(source, resolution=args.resolution, progress=not args.quiet and main, **options)
     folder = output / "checkpoints" / PREPARED_DIR
-    if main:
-        prepare(source, folder, resolution=args.resolution, workers=max(1, args.dataloader_workers),
-                resume=args.resume, progress=not args.quiet, **options)
-    state.wait_for_everyone()  # type: ignore[attr-defined]
+    on_main_process(state, prepare, source, folder, resolution=args.resolution,
+                    workers=max(1, args.dataloader_workers), resume=args.resume, progress=not args.quiet,
+                    **options)
     return PreparedDataset(folder, resolution=args.resolution)

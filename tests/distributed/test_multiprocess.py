@@ -147,7 +147,8 @@ def test_two_node_training_writes_one_model_once_and_is_reproducible(work):
     assert hidden_leftovers(run_a) == []
     # the checkpoints were written once each: the final VAE, the latest UNet step, run.json
     ckpts = run_a / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["run.json", "unet-3", "vae-final"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.npy", "unet-3", "vae-final"]
     state = json.loads((ckpts / "unet-3" / "state.json").read_text())
     assert state["step"] == 3 and state["num_processes"] == 2
     # the process count is recorded the same way everywhere
@@ -210,11 +211,6 @@ def test_resume_one_process_to_two(work, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "generator/training.py prepares the LR scheduler with accelerate, whose AcceleratedScheduler steps it "
-    "num_processes times per optimiser step (split_batches=False): the schedule runs N times faster under "
-    "N processes and a checkpoint's scheduler state depends on the world size. Fix: do not pass the "
-    "scheduler to accelerator.prepare (see the report of issue 9)."))
 def test_checkpoint_schedule_counts_optimizer_steps(work):
     """The learning-rate schedule of a checkpoint is at its step, whatever the number of processes."""
     state = json.loads((work["run_a"] / "checkpoints" / "unet-3" / "state.json").read_text())
@@ -365,11 +361,5 @@ def test_split_audit_equals_one_process(audit_index, tmp_path):
         assert (one / "metadata.jsonl").read_bytes() == (two / "metadata.jsonl").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "privacy/embedding.py CopyEmbedder.embed runs its Linear head on the whole batch; oneDNN/MKL GEMM "
-    "rounds differently for different batch sizes, so an image's embedding (and its 'embedding' "
-    "similarity, fused score and p-value) changes in the last bit with the other images of the call. "
-    "A split audit or a privacy gate under several processes then differs from one process by float "
-    "noise. Fix: run the head in fixed-size row blocks (see the report of issue 9)."))
 def test_embedder_is_batch_invariant(audit_index):
     assert embedder_batch_invariant(audit_index, n=24, world=2)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -49,12 +48,8 @@ def _train(argv: list[str]) -> int:
 
 
 def _audit(argv: list[str]) -> int:
-    """``radsynth audit`` on a volume index: ``run_audit_3d`` with the audit verb's parser."""
-    from radsynth.commands import _volumes, audit
-
-    parser = argparse.ArgumentParser()
-    audit.add_arguments(parser)
-    return _volumes.run_audit_3d(parser.parse_args(argv))
+    """``radsynth audit`` through the command line (a volume index takes the 3D path)."""
+    return main(["audit", *argv])
 
 
 def _lines(folder: Path) -> list[dict]:
