@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,13 @@ from generator.manifest import append_line, atomic_write_text, read_manifest, sa
 from generator.models.model_folder import ModelInfo
 from generator.models.pipeline import RadSynthPipeline
 from generator.models.pipeline import Precision
-from generator.models.samplers import DEFAULT_SAMPLER, make_sampler
+from generator.models.samplers import (  # noqa: F401  (the limits and their check are re-exported here)
+    DEFAULT_SAMPLER,
+    MAX_GUIDANCE,
+    MAX_STEPS,
+    check_sampling_settings,
+    make_sampler,
+)
 
 RUN_FILE = "generation.json"
 
@@ -39,9 +44,6 @@ Gate = Callable[[np.ndarray], list[dict[str, Any]]]
 ImageHook = Callable[[np.ndarray, dict[str, Any]], dict[str, Any]]
 
 _RESAMPLE_STRIDE = 1_000_003
-#: Upper bounds of the sampling settings (beyond them a run is a mistake, not a choice).
-MAX_STEPS = 1000
-MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)
@@ -265,26 +267,6 @@ def generate_to_folder(
         pending = retry + pending
     bar.close()
     return summary
-
-
-def check_sampling_settings(steps: Any, guidance_scale: Any, *, source: str = "") -> tuple[int, float]:
-    """Validate the number of steps and the guidance scale (from a flag or a manifest line).
-
-    Returns:
-        ``(steps, guidance_scale)`` as ``int`` and ``float``.
-
-    Raises:
-        ValueError: ``steps`` not an integer in ``[1, MAX_STEPS]`` or ``guidance_scale`` not a
-            finite number in ``[0, MAX_GUIDANCE]``; the message names the field and ``source``.
-    """
-    where = f" ({source})" if source else ""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}{where}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
-            or not math.isfinite(float(guidance_scale)) or not 0.0 <= float(guidance_scale) <= MAX_GUIDANCE:
-        raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], "
-                         f"got {guidance_scale!r}{where}")
-    return int(steps), float(guidance_scale)
 
 
 def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:

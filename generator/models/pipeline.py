@@ -41,7 +41,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conditioning.text_encoder import encode_prompts
 from generator._utils import look_up_option
+from generator.models.samplers import PRECISIONS, Precision  # "auto" resolves per device
 
 __all__ = [
     "PRECISIONS",
@@ -64,9 +65,6 @@ __all__ = [
     "cpu_has_bf16",
 ]
 
-#: Numeric precision of the UNet forward: ``"auto"`` resolves to one of the others per device.
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

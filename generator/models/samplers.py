@@ -20,27 +20,27 @@ Names:
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
-from typing import Any
-
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from typing import TYPE_CHECKING, Any, Literal
 
 from generator._utils import look_up_option
+
+if TYPE_CHECKING:  # diffusers is imported when a scheduler is made, not for --help or flag checks
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 __all__ = [
     "DEFAULT_SAMPLER",
     "DEFAULT_STEPS",
+    "MAX_GUIDANCE",
+    "MAX_STEPS",
+    "PRECISIONS",
+    "Precision",
     "SAMPLERS",
     "SAMPLER_OPTIONS",
     "SCHEDULE_KEYS",
     "Sampler",
+    "check_sampling_settings",
     "make_sampler",
     "sampler_name",
 ]
@@ -63,16 +63,63 @@ class Sampler(StrEnum):
 DEFAULT_SAMPLER = Sampler.DPM_KARRAS
 DEFAULT_STEPS = 10
 
-#: Scheduler class of each sampler name.
-SAMPLERS: dict[str, type[SchedulerMixin]] = {
-    Sampler.DPM: DPMSolverMultistepScheduler,
-    Sampler.DPM_KARRAS: DPMSolverMultistepScheduler,
-    Sampler.UNIPC: UniPCMultistepScheduler,
-    Sampler.UNIPC_KARRAS: UniPCMultistepScheduler,
-    Sampler.DDIM: DDIMScheduler,
-    Sampler.EULER: EulerDiscreteScheduler,
-    Sampler.DDPM: DDPMScheduler,
-}
+#: Arithmetic of sampling (``radsynth generate --precision``; see :class:`RadSynthPipeline`).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+#: Largest number of sampler steps and guidance scale accepted from a flag or a manifest line.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+
+
+def _scheduler_classes() -> dict[str, type["SchedulerMixin"]]:
+    """Scheduler class of each sampler name (``SAMPLERS``; built on first use)."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        UniPCMultistepScheduler,
+    )
+
+    return {
+        Sampler.DPM: DPMSolverMultistepScheduler,
+        Sampler.DPM_KARRAS: DPMSolverMultistepScheduler,
+        Sampler.UNIPC: UniPCMultistepScheduler,
+        Sampler.UNIPC_KARRAS: UniPCMultistepScheduler,
+        Sampler.DDIM: DDIMScheduler,
+        Sampler.EULER: EulerDiscreteScheduler,
+        Sampler.DDPM: DDPMScheduler,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SAMPLERS":  # Scheduler class of each sampler name
+        return _scheduler_classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_sampling_settings(steps: Any, guidance_scale: Any, *, source: str = "") -> tuple[int, float]:
+    """Validate the number of steps and the guidance scale (from a flag or a manifest line).
+
+    Returns:
+        ``(steps, guidance_scale)`` as ``int`` and ``float``.
+
+    Raises:
+        ValueError: ``steps`` not an integer in ``[1, MAX_STEPS]`` or ``guidance_scale`` not a
+            finite number in ``[0, MAX_GUIDANCE]``; the message names the field and ``source``.
+    """
+    import numpy as np
+
+    where = f" ({source})" if source else ""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_STEPS}], got {steps!r}{where}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.floating)) \
+            or not math.isfinite(float(guidance_scale)) or not 0.0 <= float(guidance_scale) <= MAX_GUIDANCE:
+        raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], "
+                         f"got {guidance_scale!r}{where}")
+    return int(steps), float(guidance_scale)
+
 
 #: Keys taken from the model's scheduler: its training noise schedule, nothing about sampling.
 SCHEDULE_KEYS: tuple[str, ...] = (
@@ -136,7 +183,7 @@ def make_sampler(name: str, base: SchedulerMixin) -> SchedulerMixin:
     """
     key = look_up_option(name, list(Sampler), name="sampler")
     schedule = {k: base.config[k] for k in SCHEDULE_KEYS if k in base.config}
-    return SAMPLERS[key](**schedule, **SAMPLER_OPTIONS[key])
+    return _scheduler_classes()[key](**schedule, **SAMPLER_OPTIONS[key])
 
 
 def sampler_name(scheduler: SchedulerMixin) -> str | None:
@@ -144,7 +191,7 @@ def sampler_name(scheduler: SchedulerMixin) -> str | None:
 
     Use it to record the sampler actually in a pipeline (e.g. in a manifest).
     """
-    for name, cls in SAMPLERS.items():
+    for name, cls in _scheduler_classes().items():
         if type(scheduler) is cls and all(
             _same(scheduler.config.get(k), v) for k, v in SAMPLER_OPTIONS[name].items()
         ):

@@ -40,7 +40,7 @@ DEMO_REQUESTS: list[dict[str, Any]] = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth demo``."""
-    from generator.generation import MAX_GUIDANCE, MAX_STEPS
+    from generator.models.samplers import MAX_GUIDANCE, MAX_STEPS
     from radsynth._args import existing_dir, float_in, int_in, seed
 
     p.add_argument("--output", required=True, help="folder for everything the demo writes")

@@ -46,9 +46,7 @@ EPILOG = """examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth generate``."""
-    from generator.generation import MAX_GUIDANCE, MAX_STEPS
-    from generator.models.pipeline import PRECISIONS
-    from generator.models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler
+    from generator.models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_GUIDANCE, MAX_STEPS, PRECISIONS, Sampler
     from radsynth._args import existing_dir, existing_file, float_in, int_in, new_file, seed
 
     p.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
