@@ -5,9 +5,12 @@ The phantoms it was trained on are rebuilt by :func:`generator.phantoms.phantom_
 
 from __future__ import annotations
 
-__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "DEMO_EMBEDDER_FILE", "bundled_model_path", "resolve_model"]
+__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "DEMO_EMBEDDER_FILE", "bundled_model_path", "resolve_model",
+           "demo_settings"]
 
+import json
 from pathlib import Path
+from typing import Any
 
 #: How ``scripts/train_demo_model.py`` makes the phantom training set of the bundled model. The demo
 #: rebuilds the same phantoms from these settings to audit samples against the training data.
@@ -43,3 +46,28 @@ def resolve_model(model: str | None) -> str:
     if model is not None:
         return str(model)
     return str(bundled_model_path())
+
+
+def demo_settings(model_dir: str | Path) -> tuple[int, dict[str, Any]]:
+    """Image side and phantom training settings of a phantom-trained model, read from its
+    ``radsynth.json`` alone (no model import, so the demo can render while the model loads).
+
+    Returns:
+        ``(resolution, settings)``; ``settings`` is :data:`DEMO_TRAINING` updated with the file's
+        ``demo`` block (``num_images``, ``size``, ``seed``, ``guidance_scale``).
+
+    Raises:
+        ValueError: ``radsynth.json`` is missing, not a JSON object, or has no usable ``resolution``.
+    """
+    path = Path(model_dir) / "radsynth.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{str(path)!r} cannot be read as JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+    resolution = raw.get("resolution")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"{str(path)!r}: resolution must be a positive integer, got {resolution!r}")
+    demo = raw.get("demo") if isinstance(raw.get("demo"), dict) else {}
+    return resolution, {**DEMO_TRAINING, **demo}

@@ -40,12 +40,13 @@ DEMO_REQUESTS: list[dict[str, Any]] = [
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``radsynth demo``."""
-    from generator.models.samplers import MAX_GUIDANCE, MAX_STEPS
+    from generator.models.samplers import DEFAULT_STEPS, MAX_GUIDANCE, MAX_STEPS
     from radsynth._args import existing_dir, float_in, int_in, seed
 
     p.add_argument("--output", required=True, help="folder for everything the demo writes")
     p.add_argument("--images-per-prompt", type=int_in(1, 1000), default=3, help="images per prompt (default 3)")
-    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=20, help="sampler steps (default 20)")
+    p.add_argument("--steps", type=int_in(1, MAX_STEPS), default=DEFAULT_STEPS,
+                   help=f"sampler steps (default {DEFAULT_STEPS}, as radsynth generate)")
     p.add_argument("--guidance-scale", type=float_in(0.0, MAX_GUIDANCE), default=None,
                    help="classifier-free guidance (default: the model's recommended value)")
     p.add_argument("--seed", type=seed, default=0, help="base seed of the teaching set (default 0)")
@@ -80,17 +81,22 @@ def shipped_embedder(model_dir: Path, phantoms: dict[str, int]) -> Any:
         return None  # damaged or foreign: train one instead
 
 
+def _load_model(model_dir: str, text_encoder: str | None) -> tuple[Any, Any]:
+    """``load_pipeline`` (importing diffusers and transformers; run in a thread by the demo)."""
+    from generator.models.model_folder import load_pipeline
+
+    return load_pipeline(model_dir, text_encoder=text_encoder)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth demo``."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from tqdm.auto import tqdm
 
-    from conditioning.prompts import build_prompt
-    from generator.demo import DEMO_EMBEDDER_FILE, DEMO_TRAINING, resolve_model
-    from generator.generation import check_sampling_settings, generate_to_folder, make_requests, prepare_output
-    from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
-    from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
-    from generator.models.model_folder import load_pipeline
+    from generator.demo import DEMO_EMBEDDER_FILE, demo_settings, resolve_model
+    from generator.models.samplers import check_sampling_settings
     from generator.phantoms import phantom_reference_set
     from generator.phantoms.measure import text_control_summary
     from privacy.audit import audit_images
@@ -116,21 +122,35 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress)
     try:
 
-        # 1. The model.
-        bar.set_postfix_str("loading the model")
-        pipe, info = load_pipeline(resolve_model(args.model), text_encoder=args.text_encoder)
-        demo_cfg = {**DEMO_TRAINING, **info.raw.get("demo", {})}
+        # 1. The model, loaded in a thread while worker processes render the phantoms it was trained on
+        #    (rebuilt from their seeds, for the privacy index) and held-out ones drawn with another seed.
+        bar.set_postfix_str("loading the model, rendering the training phantoms")
+        model_dir = resolve_model(args.model)
+        size, demo_cfg = demo_settings(model_dir)
+        n_ref = args.reference_images or int(demo_cfg["num_images"])
+        workers = max(1, min(2, os.cpu_count() or 1))
+
+        def render() -> tuple[Any, Any]:
+            seed = int(demo_cfg["seed"])
+            return (phantom_reference_set(n_ref, size=size, seed=seed, workers=workers),
+                    phantom_reference_set(max(200, n_ref // 10), size=size, seed=seed + 1, workers=workers))
+
+        with ThreadPoolExecutor(1) as pool:
+            loading = pool.submit(_load_model, model_dir, args.text_encoder)
+            ref, hold = render()
+            pipe, info = loading.result()
+        if info.resolution != size:
+            raise ValueError(f"{model_dir}: radsynth.json says {size} px but the model makes {info.resolution} px")
         guidance = args.guidance_scale if args.guidance_scale is not None else float(demo_cfg.get("guidance_scale", 3.0))
         bar.update(1)
 
-        # 2. Privacy index of the model's training phantoms (rebuilt from their seeds), calibrated on
-        #    phantoms drawn with another seed that the model never saw.
+        # 2. Privacy index of the training phantoms, calibrated on the held-out ones.
         bar.set_postfix_str("indexing the training phantoms")
-        n_ref = args.reference_images or int(demo_cfg["num_images"])
-        workers = max(1, min(2, os.cpu_count() or 1))
-        ref = phantom_reference_set(n_ref, size=info.resolution, seed=int(demo_cfg["seed"]), workers=workers)
-        hold = phantom_reference_set(max(200, n_ref // 10), size=info.resolution, seed=int(demo_cfg["seed"]) + 1,
-                                     workers=workers)
+        from conditioning.prompts import build_prompt
+        from generator.gallery import contact_sheet, gallery_html, save_contact_sheet
+        from generator.generation import generate_to_folder, make_requests, prepare_output
+        from generator.manifest import atomic_write_text, load_png, read_manifest, update_fields
+
         phantoms = {"num_images": n_ref, "size": info.resolution, "seed": int(demo_cfg["seed"])}
         embedder = shipped_embedder(Path(info.path), phantoms)
         index = ReferenceIndex.build(
