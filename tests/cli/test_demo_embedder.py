@@ -64,3 +64,17 @@ def test_parallel_phantom_rendering_is_identical():
     assert one.ids == two.ids and one.patient_ids == two.patient_ids and one.attributes == two.attributes
     with pytest.raises(ValueError, match="workers"):
         phantom_reference_set(70, size=32, seed=5, workers=0)
+
+
+def test_demo_settings_read_from_radsynth_json_alone(tmp_path):
+    from generator.demo import demo_settings
+
+    size, cfg = demo_settings(DEMO_MODEL_DIR)
+    assert size == DEMO_TRAINING["size"] and cfg["num_images"] == DEMO_TRAINING["num_images"]
+    (tmp_path / "radsynth.json").write_text('{"resolution": 32, "demo": {"num_images": 7, "seed": 9}}')
+    size, cfg = demo_settings(tmp_path)
+    assert (size, cfg["num_images"], cfg["seed"]) == (32, 7, 9)
+    for text in ("[1, 2]", "{not json", '{"resolution": "64"}'):
+        (tmp_path / "radsynth.json").write_text(text)
+        with pytest.raises(ValueError, match="radsynth.json"):
+            demo_settings(tmp_path)
