@@ -48,7 +48,7 @@ from safetensors.numpy import save_file as save_np
 
 from privacy import views as V
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
-from privacy._files import current_umask
+from privacy._files import current_umask, publish_folder
 from privacy.embedding import CopyEmbedder, EmbedderConfig, config_dict, train_embedder
 from privacy.search import SearchIndex, topk_search
 
@@ -858,16 +858,7 @@ class ReferenceIndex:
                     holdout=self.holdout.get("source", "unknown"),
                 )
             )
-            file_mode = 0o666 & ~current_umask()
-            for p in tmp.iterdir():
-                os.chmod(p, file_mode)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            publish_folder(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -48,7 +48,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from scipy import ndimage
 
-from privacy._files import current_umask
+from privacy._files import current_umask, publish_folder
 from privacy.audit import GUARANTEE_STATEMENT, VERDICTS, AuditResult, ImageVerdict, Verdict
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
 
@@ -595,15 +595,7 @@ class VolumeIndex:
             (tmp / "README.md").write_text(_README.format(
                 n=len(self.ids), shape=self.shape, spacing=self.spacing, created=self.info.get("created", "unknown"),
                 alpha=self.alpha, review_alpha=self.review_alpha, holdout=self.holdout.get("source", "unknown")))
-            for p in tmp.iterdir():
-                os.chmod(p, 0o666 & ~mask)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.replace(directory, old)
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
+            publish_folder(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

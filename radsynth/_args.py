@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -111,3 +112,49 @@ def parse_label_text(items: list[str]) -> dict[int, str] | None:
         except ValueError:
             raise ValueError(f"--label-text label must be an integer, got {label!r}") from None
     return out
+
+
+def check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,
+                 low_open: bool = False) -> None:
+    """``value`` (when given) must be finite and in ``[low, high]`` (``(low, high]`` if ``low_open``).
+
+    For values that reach a verb other than through an argparse type (defaults, manifest lines).
+
+    Raises:
+        ValueError: one line naming ``flag`` and the value.
+    """
+    if value is None:
+        return
+    if isinstance(value, bool):
+        raise ValueError(f"{flag} must be a number, got {value!r}")
+    if isinstance(value, int):  # any size: no conversion to float
+        if not low <= value <= high:
+            raise ValueError(f"{flag} must be an integer in [{int(low)}, {int(high)}], got {value}")
+        return
+    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
+        raise ValueError(f"{flag} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
+
+
+def prepare_model_output(output: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber an existing model folder unless asked to (``radsynth train``, 2D and 3D; main
+    process only).
+
+    Raises:
+        FileExistsError: ``output`` is a file, or a non-empty folder and neither flag is given.
+        ValueError: both flags are given.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {str(output)!r} exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if overwrite:
+            shutil.rmtree(output)
+        elif not resume:
+            raise FileExistsError(
+                f"--output {str(output)!r} is not empty: pass --resume to continue its training or "
+                "--overwrite to replace it"
+            )

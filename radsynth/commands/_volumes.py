@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+from radsynth._args import check_number, prepare_model_output
 
 __all__ = [
     "add_volume_train_arguments",
@@ -38,28 +39,6 @@ _MAX_SEED = 2**32 - 1
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,
-                  low_open: bool = False) -> None:
-    """``value`` (when given) finite and in ``[low, high]`` (``(low, high]`` with ``low_open``).
-
-    Raises:
-        ValueError: naming ``flag`` and the value.
-    """
-    if value is None:
-        return
-    if isinstance(value, bool):
-        raise ValueError(f"{flag} must be a number, got {value!r}")
-    if isinstance(value, int):
-        if not low <= value <= high:
-            raise ValueError(f"{flag} must be an integer in [{int(low)}, {int(high)}], got {value}")
-        return
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
-        raise ValueError(f"{flag} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
-
-
 def _spacing(text: Any, flag: str = "--spacing") -> tuple[float, float, float] | None:
     """``--spacing MM`` or ``"S,R,C"`` -> ``(slice, row, column)`` mm, or ``None``.
 
@@ -132,25 +111,6 @@ def add_volume_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "SLICE,ROW,COLUMN (default: keep the files' own, which must then agree)")
 
 
-def _prepare_model_output(output: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a model folder unless asked (the rule of ``radsynth train``).
-
-    Raises:
-        ValueError: both flags.
-        FileExistsError: a non-empty folder and neither flag, or a file.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {str(output)!r} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        if overwrite:
-            shutil.rmtree(output)
-        elif not resume:
-            raise FileExistsError(f"--output {str(output)!r} is not empty: pass --resume to continue its training "
-                                  "or --overwrite to replace it")
-
-
 def run_train_3d(args: argparse.Namespace) -> int:
     """``radsynth train --dims 3``: a volume folder -> a volume model folder (:class:`VolumeTrainer`).
 
@@ -175,13 +135,13 @@ def run_train_3d(args: argparse.Namespace) -> int:
         if bad(value):
             raise ValueError(f"{flag} {value!r} is not supported with --dims 3 (volumes train in float32, "
                              "from scratch, on NIfTI/DICOM series with their own texts)")
-    _check_number("--max-minutes", get("max_minutes"), low=0.0, high=1e6, low_open=True)
-    _check_number("--max-steps", get("max_steps"), low=1, high=10**9)
-    _check_number("--seed", get("seed", 0), low=0, high=_MAX_SEED)
-    _check_number("--learning-rate", get("learning_rate"), low=0.0, high=1.0, low_open=True)
-    _check_number("--checkpoint-every", get("checkpoint_every"), low=1, high=10**9)
+    check_number("--max-minutes", get("max_minutes"), low=0.0, high=1e6, low_open=True)
+    check_number("--max-steps", get("max_steps"), low=1, high=10**9)
+    check_number("--seed", get("seed", 0), low=0, high=_MAX_SEED)
+    check_number("--learning-rate", get("learning_rate"), low=0.0, high=1.0, low_open=True)
+    check_number("--checkpoint-every", get("checkpoint_every"), low=1, high=10**9)
     resolution = get("resolution", 32)
-    _check_number("--resolution", resolution, low=8, high=MAX_VOLUME_RESOLUTION)
+    check_number("--resolution", resolution, low=8, high=MAX_VOLUME_RESOLUTION)
     spacing = _spacing(get("spacing"))
 
     from generator.volumes.models import get_volume_preset
@@ -216,7 +176,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise ValueError(f"--data {str(data_dir)!r}: --dims 3 needs a folder of volumes with metadata.jsonl")
     output = Path(get("output"))
-    _prepare_model_output(output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
+    prepare_model_output(output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
 
     from generator.volumes.ingest import load_volumes
     from generator.volumes.training import VolumeTrainer, VolumeTrainingData
@@ -343,8 +303,8 @@ def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
             raise ValueError(f"{flag} is not supported for volume models yet")
     if get("precision") in ("bf16", "fp16"):
         raise ValueError(f"--precision {get('precision')} is not supported for volume models (they sample in float32)")
-    _check_number("--steps", get("steps"), low=1, high=1000)
-    _check_number("--guidance-scale", get("guidance_scale"), low=0.0, high=100.0)
+    check_number("--steps", get("steps"), low=1, high=1000)
+    check_number("--guidance-scale", get("guidance_scale"), low=0.0, high=100.0)
     formats = set(get("format") or ["png"])
     modality = get("modality")
     if modality is not None and modality.upper() not in ("CT", "MR"):

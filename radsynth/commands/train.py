@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -114,64 +112,25 @@ MAX_SEED = 2**32 - 1
 MAX_RESOLUTION = 4096
 
 
-def _check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,
-                  low_open: bool = False) -> None:
-    """``value`` (when given) must be finite and in ``[low, high]`` (``(low, high]`` if ``low_open``).
-
-    Raises:
-        ValueError: one line naming ``flag`` and the value.
-    """
-    if value is None:
-        return
-    if isinstance(value, int):  # any size: no conversion to float
-        if not low <= value <= high:
-            raise ValueError(f"{flag} must be an integer in [{int(low)}, {int(high)}], got {value}")
-        return
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = f"{high:g}]" if math.isfinite(high) else "inf)"
-        raise ValueError(f"{flag} must be a finite number in {lo}{low:g}, {hi}, got {value!r}")
-
-
 def check_flags(args: argparse.Namespace) -> None:
     """Range checks of the numeric flags, before any file is touched.
 
     Raises:
         ValueError: one line naming the flag and the value received.
     """
-    _check_number("--max-minutes", args.max_minutes, low=0.0, high=1e6, low_open=True)  # 1e6 min: ~2 years
-    _check_number("--max-steps", args.max_steps, low=1, high=10**9)
-    _check_number("--seed", args.seed, low=0, high=MAX_SEED)
-    _check_number("--learning-rate", args.learning_rate, low=0.0, high=1.0, low_open=True)
-    _check_number("--gradient-accumulation-steps", args.gradient_accumulation_steps, low=1, high=1024)
-    _check_number("--checkpoint-every", args.checkpoint_every, low=1, high=10**9)
-    _check_number("--resolution", args.resolution, low=8, high=MAX_RESOLUTION)
-    _check_number("--dataloader-workers", args.dataloader_workers, low=0, high=64)
+    from radsynth._args import check_number
+
+    check_number("--max-minutes", args.max_minutes, low=0.0, high=1e6, low_open=True)  # 1e6 min: ~2 years
+    check_number("--max-steps", args.max_steps, low=1, high=10**9)
+    check_number("--seed", args.seed, low=0, high=MAX_SEED)
+    check_number("--learning-rate", args.learning_rate, low=0.0, high=1.0, low_open=True)
+    check_number("--gradient-accumulation-steps", args.gradient_accumulation_steps, low=1, high=1024)
+    check_number("--checkpoint-every", args.checkpoint_every, low=1, high=10**9)
+    check_number("--resolution", args.resolution, low=8, high=MAX_RESOLUTION)
+    check_number("--dataloader-workers", args.dataloader_workers, low=0, high=64)
     center, width = args.ct_window
-    _check_number("--ct-window CENTER", center, low=-1e5, high=1e5)
-    _check_number("--ct-window WIDTH", width, low=0.0, high=1e5, low_open=True)
-
-
-def prepare_output(output: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an existing model folder unless asked to (main process only).
-
-    Raises:
-        FileExistsError: ``output`` exists, is not empty, and neither flag is given.
-        ValueError: both flags are given.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {str(output)!r} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()):
-        if overwrite:
-            shutil.rmtree(output)
-        elif not resume:
-            raise FileExistsError(
-                f"--output {str(output)!r} is not empty: pass --resume to continue its training or "
-                "--overwrite to replace it"
-            )
+    check_number("--ct-window CENTER", center, low=-1e5, high=1e5)
+    check_number("--ct-window WIDTH", width, low=0.0, high=1e5, low_open=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         from radsynth.commands._volumes import run_train_3d
 
         return run_train_3d(args)
+    from radsynth._args import prepare_model_output
     from radsynth.commands._wiring import on_main_process
     from accelerate import PartialState
 
@@ -217,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             f"--resolution must be latent_size ({config.latent_size}) of preset {args.preset!r} times a power "
             f"of two (e.g. {config.latent_size * 2} or {config.latent_size * 4}), got {args.resolution}"
         ) from None
-    on_main_process(state, prepare_output, output, resume=args.resume, overwrite=args.overwrite)
+    on_main_process(state, prepare_model_output, output, resume=args.resume, overwrite=args.overwrite)
     data = training_data(args, output, state)
     result = Trainer(
         data,
