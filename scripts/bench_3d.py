@@ -20,6 +20,12 @@ AdrenalMNIST3D carries no voxel spacing: the volumes are treated as 1 mm isotrop
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --train-minutes 10 --threads 1 --out /tmp/bench3d
+
+The ``lean`` recipe (docs/volumes.md, Benchmark; ``VolumeTrainConfig.for_preset("lean")`` in Python)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --train-minutes 30 --vae-share 0.25 \
+        --vae-steps 400 --unet-steps 3000 --preset lean --vae-fg-weight 10 --prediction-type v_prediction \
+        --snr-gamma 5 --unet-batch-size 8 --ema-decay 0.99
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,10 +86,14 @@ def train_child(args: argparse.Namespace) -> None:
     cfg = VolumeTrainConfig(seed=0, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
                             batch_size=args.batch_size, unet_batch_size=args.unet_batch_size,
                             max_minutes=args.train_minutes, vae_share=args.vae_share, checkpoint_every=50,
-                            unet_lr=args.unet_lr, vae_lr=args.vae_lr, ema_decay=args.ema_decay)
+                            unet_lr=args.unet_lr, vae_lr=args.vae_lr, ema_decay=args.ema_decay,
+                            vae_fg_weight=args.vae_fg_weight, snr_gamma=args.snr_gamma)
+    model_config = get_volume_preset(args.preset)
+    if args.prediction_type:
+        model_config = replace(model_config, prediction_type=args.prediction_type)
     stamps: dict[str, list[float]] = {"vae": [], "unet": []}
     t0 = time.monotonic()
-    trainer = VolumeTrainer(data, args.model, get_volume_preset(args.preset), cfg, progress=False)
+    trainer = VolumeTrainer(data, args.model, model_config, cfg, progress=False)
     setup = time.monotonic() - t0
     res = trainer.run(callback=lambda stage, step, loss: stamps[stage].append(time.monotonic()))
 
@@ -107,7 +118,9 @@ def run_train(args: argparse.Namespace, resolution: int, model: Path, minutes: f
            "--train-minutes", str(minutes), "--vae-steps", str(vae_steps), "--unet-steps", str(unet_steps),
            "--threads", str(args.threads), "--preset", args.preset, "--batch-size", str(args.batch_size),
            "--unet-batch-size", str(args.unet_batch_size), "--vae-share", str(args.vae_share),
-           "--unet-lr", str(args.unet_lr), "--vae-lr", str(args.vae_lr), "--ema-decay", str(args.ema_decay), "--limit", str(limit)]
+           "--unet-lr", str(args.unet_lr), "--vae-lr", str(args.vae_lr), "--ema-decay", str(args.ema_decay), "--limit", str(limit),
+           "--vae-fg-weight", str(args.vae_fg_weight), "--snr-gamma", str(args.snr_gamma),
+           "--prediction-type", args.prediction_type]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -258,7 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
-    p.add_argument("--preset", default="small")
+    p.add_argument("--preset", default="small", help="tiny | small | lean (generator.volumes.models)")
+    p.add_argument("--prediction-type", default="", help="epsilon | v_prediction (default: the preset's)")
+    p.add_argument("--vae-fg-weight", type=float, default=1.0,
+                   help="intensity-weighted VAE L1 (VolumeTrainConfig.vae_fg_weight; 1 = plain L1)")
+    p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma UNet loss weighting (0 = off)")
     p.add_argument("--num-synthetic", type=int, default=160)
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)

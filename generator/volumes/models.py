@@ -126,7 +126,12 @@ class VolumeModelConfig:
 
 
 #: Named configurations: ``tiny`` for tests (16^3, seconds); ``small`` for 32^3-64^3 CPU runs (VAE factor 4:
-#: 8^3 latents at 32^3; about 1 s per UNet step of 16 latents on one core, scripts/bench_3d.py).
+#: 8^3 latents at 32^3; about 1 s per UNet step of 16 latents on one core, scripts/bench_3d.py); ``lean``
+#: for 32^3 masks and other small structures on CPU (VAE factor 2: 16^3x4 latents, so thin shapes survive
+#: the autoencoder; a narrow 3-level UNet with attention only at the lowest level, 4^3; v-prediction;
+#: about 0.5 s per UNet step of 8 latents on one core; sides a multiple of 8). Its training settings
+#: (intensity-weighted VAE loss, min-SNR) are ``VolumeTrainConfig.for_preset("lean")``; recipe and
+#: results on AdrenalMNIST3D in docs/volumes.md.
 VOLUME_PRESETS: dict[str, VolumeModelConfig] = {
     "tiny": VolumeModelConfig(vae_channels=(4, 8), latent_channels=2, vae_norm_groups=4,
                               unet_channels=(8, 16), unet_attention=(False, True), unet_norm_groups=4,
@@ -134,11 +139,14 @@ VOLUME_PRESETS: dict[str, VolumeModelConfig] = {
     "small": VolumeModelConfig(vae_channels=(8, 16, 32), latent_channels=4, vae_norm_groups=8,
                                unet_channels=(32, 64, 64), unet_attention=(False, True, True), unet_norm_groups=8,
                                num_head_channels=32),
+    "lean": VolumeModelConfig(vae_channels=(8, 16), latent_channels=4, vae_norm_groups=8,
+                              unet_channels=(16, 32, 64), unet_attention=(False, False, True), unet_norm_groups=8,
+                              num_head_channels=32, prediction_type="v_prediction"),
 }
 
 
 def get_volume_preset(name: str) -> VolumeModelConfig:
-    """The preset ``name`` (``"tiny"``, ``"small"``).
+    """The preset ``name`` (``"tiny"``, ``"small"``, ``"lean"``).
 
     Raises:
         ValueError: unknown name, with a "did you mean".

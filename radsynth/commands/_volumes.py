@@ -102,7 +102,7 @@ def add_volume_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags ``radsynth train`` needs for volumes beyond the 2D ones: ``--dims`` and ``--spacing``.
 
     ``--resolution`` is the cube side (16, 32, 64: a multiple of what the preset's VAE and UNet halve);
-    ``--preset`` is ``tiny`` or ``small`` for volumes.
+    ``--preset`` is ``tiny``, ``small`` or ``lean`` (the benchmark's recipe) for volumes.
     """
     parser.add_argument("--dims", type=int, choices=[2, 3], default=2,
                         help="2 (default): images; 3: volumes (NIfTI files or DICOM series listed in metadata.jsonl)")
@@ -160,7 +160,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
         need = config.vae_factor * 2 ** (len(config.unet_channels) - 1)
         raise ValueError(f"--resolution must be a multiple of {need} for volume preset {preset_name!r} "
                          f"(e.g. {need * 4} or {need * 8}), got {resolution}") from None
-    defaults = VolumeTrainConfig()
+    defaults = VolumeTrainConfig.for_preset(preset_name)
     steps = get("max_steps")
     train_kwargs: dict[str, Any] = {
         "seed": int(get("seed", 0)), "max_minutes": get("max_minutes"),
@@ -171,7 +171,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
         train_kwargs["unet_lr"] = float(get("learning_rate"))
     if get("checkpoint_every") is not None:
         train_kwargs["checkpoint_every"] = int(get("checkpoint_every"))
-    train_config = VolumeTrainConfig(**train_kwargs)
+    train_config = VolumeTrainConfig.for_preset(preset_name, **train_kwargs)
     data_dir = Path(get("data"))
     if not data_dir.is_dir():
         raise ValueError(f"--data {str(data_dir)!r}: --dims 3 needs a folder of volumes with metadata.jsonl")

@@ -113,3 +113,39 @@ def test_bad_configs_and_data():
         from generator.volumes.records import ct_mapping
 
         VolumeTrainingData(np.full((1, 4, 4, 4), 2.0), ["x"], (1, 1, 1), ct_mapping())
+
+
+def test_lean_preset_keeps_thin_structures_in_16_cubed_latents():
+    lean = get_volume_preset("lean")
+    assert lean.vae_factor == 2 and lean.latent_shape((32, 32, 32)) == (4, 16, 16, 16)
+    assert lean.unet_attention == (False, False, True)  # attention only at the lowest level
+    with pytest.raises(ValueError, match="divisible by 8"):
+        lean.latent_shape((32, 32, 36))
+    recipe = VolumeTrainConfig.for_preset("lean", seed=3)
+    assert recipe.vae_fg_weight > 1 and recipe.snr_gamma > 0 and recipe.seed == 3
+    assert lean.prediction_type == "v_prediction"
+    assert VolumeTrainConfig.for_preset("small") == VolumeTrainConfig()
+    with pytest.raises(ValueError, match="did you mean 'lean'"):
+        VolumeTrainConfig.for_preset("lena")
+    with pytest.raises(ValueError, match="vae_fg_weight"):
+        VolumeTrainConfig(vae_fg_weight=0.5)
+    with pytest.raises(ValueError, match="snr_gamma"):
+        VolumeTrainConfig(snr_gamma=-1.0)
+
+
+def test_weighted_vae_loss_and_min_snr_change_training(tmp_path, phantom_data, tiny_text_encoder):
+    """``vae_fg_weight`` weighs bright voxels more (a larger loss on the same first batch, other weights);
+    ``snr_gamma`` reweights the UNet loss (other weights, finite, and resumable like the plain run)."""
+    base = {**TINY_TRAIN, "vae_steps": 2, "unet_steps": 2}
+    losses: dict[str, list[float]] = {"plain": [], "fg": [], "snr": []}
+    runs = {"plain": {}, "fg": {"vae_fg_weight": 10.0}, "snr": {"snr_gamma": 5.0}}
+    for name, extra in runs.items():
+        trainer = VolumeTrainer(phantom_data, tmp_path / name, get_volume_preset("tiny"),
+                                VolumeTrainConfig(**base, **extra), text_encoder=str(tiny_text_encoder))
+        trainer.run(callback=lambda stage, step, loss, n=name: losses[n].append(loss))
+        assert all(np.isfinite(losses[name]))
+    assert losses["fg"][0] > losses["plain"][0] * 1.5  # the phantom's bright voxels now weigh up to 10x
+    assert losses["snr"][:2] == losses["plain"][:2]  # same VAE stage
+    assert losses["snr"][2] != pytest.approx(losses["plain"][2], rel=1e-3)
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "snr")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a if k.startswith("unet.")) > 1e-5
