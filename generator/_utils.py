@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import torch
 
-__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only", "check_device", "sha256_file"]
+__all__ = ["did_you_mean", "look_up_option", "torch_threads", "best_device", "cpu_only", "check_device", "sha256_file", "move_entries"]
 
 T = TypeVar("T", bound=str)
 
@@ -106,3 +106,16 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def move_entries(staging: Path, output: Path) -> None:
+    """Move every file and folder of ``staging`` into ``output``, replacing same-named ones (the last
+    step of writing a model folder: each entry appears whole, under its final name)."""
+    import os
+    import shutil
+
+    for entry in sorted(staging.iterdir()):
+        dest = output / entry.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(entry, dest)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-__all__ = ["current_umask", "publish_folder"]
+__all__ = ["current_umask", "publish_folder", "staged_folder"]
 
 
 def current_umask() -> int:
@@ -30,3 +33,24 @@ def publish_folder(tmp: Path, directory: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, directory)
+
+
+@contextmanager
+def staged_folder(directory: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling folder of ``directory`` to write into; when the block ends without an error it
+    is published as ``directory`` (:func:`publish_folder`), otherwise removed.
+
+    Raises:
+        FileExistsError: ``directory`` exists and ``overwrite`` is false (before anything is written).
+    """
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; pass --overwrite to replace it")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        yield tmp
+        publish_folder(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

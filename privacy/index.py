@@ -31,9 +31,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +45,7 @@ from safetensors.numpy import save_file as save_np
 
 from privacy import views as V
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
-from privacy._files import current_umask, publish_folder
+from privacy._files import staged_folder
 from privacy.embedding import CopyEmbedder, EmbedderConfig, config_dict, train_embedder
 from privacy.search import SearchIndex, topk_search
 
@@ -803,12 +800,7 @@ class ReferenceIndex:
             FileExistsError: ``directory`` exists and ``overwrite`` is false.
         """
         directory = Path(directory)
-        if directory.exists() and not overwrite:
-            raise FileExistsError(f"{directory} already exists; pass --overwrite to replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            os.chmod(tmp, 0o777 & ~current_umask())
+        with staged_folder(directory, overwrite) as tmp:
             save_np(
                 {
                     "images": np.asarray(self.images, dtype=np.float16),
@@ -858,10 +850,6 @@ class ReferenceIndex:
                     holdout=self.holdout.get("source", "unknown"),
                 )
             )
-            publish_folder(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -68,6 +68,16 @@ def check_images(images: np.ndarray, name: str = "images") -> np.ndarray:
         raise ValueError(f"{name} must have shape (N, H, W), got shape {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {arr.shape})")
+    return check_unit_values(arr, name)
+
+
+def check_unit_values(arr: np.ndarray, name: str) -> np.ndarray:
+    """``arr`` as C-contiguous float32, refused when it holds NaN/infinity or values outside ``[0, 1]``
+    (beyond 1e-3); shared by the image and volume checks.
+
+    Raises:
+        ValueError: naming ``name`` and the range found.
+    """
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -324,45 +334,6 @@ def shifted_ncc_max(
             sims = torch.where(cand_t >= 0, sims.clamp(-1.0, 1.0), torch.full_like(sims, -np.inf))
             out[start:stop, c0:c1] = sims[:b, : c1 - c0].numpy()
             arg[start:stop, c0:c1] = best[:b, : c1 - c0].numpy()
-    return (out, arg) if return_argmax else out
-    s = query_ncc.shape[1]
-    m = int(max_shift)
-    c = s - 2 * m
-    k2 = (2 * m + 1) ** 2
-    n_img = len(warps) * (2 if flips else 1)  # query variant images before shifting
-    # bound the (n_img, chunk * C, 2m+1, 2m+1) float32 block of correlations to about 64 MiB
-    chunk = int(min(chunk, max(1, (1 << 26) // (n_img * max(1, c_count) * k2 * 4))))
-    refs = torch.from_numpy(_writable(ref_windows))
-    for start in range(0, q_count, chunk):
-        stop = min(start + chunk, q_count)
-        b = stop - start
-        warped = torch.from_numpy(warp_images(query_ncc[start:stop], warps))  # (B, W, S, S)
-        if flips:
-            warped = torch.stack([warped, warped.flip(-1)], dim=2)  # (B, W, 2, S, S)
-        x = warped.reshape(b, n_img, s, s).transpose(0, 1).contiguous()  # (n_img, B, S, S)
-        cand = torch.from_numpy(candidates[start:stop].astype(np.int64))
-        valid = cand >= 0
-        kernels = refs[cand.clamp(min=0)].reshape(b * c_count, 1, c, c)  # zero-mean, unit-norm windows
-        # A reference window r has zero mean and unit norm, so the NCC of a query window w with it is
-        # sum(w * r) / ||w - mean(w)||: one grouped correlation gives every shift's numerator (no
-        # (B, V, c*c) block of shifted windows is ever materialised), box sums the denominators.
-        dots = F.conv2d(x, kernels, groups=b).reshape(n_img, b, c_count, k2)  # sum(w * r) per shift
-        xd = x.double()
-        box_mean = F.avg_pool2d(xd, c, stride=1)  # (n_img, B, 2m+1, 2m+1)
-        box_sq = F.avg_pool2d(xd * xd, c, stride=1)
-        # subtract mean(w) * sum(r): zero up to rounding, but it keeps flat windows at 0
-        r_sum = kernels.reshape(1, b, c_count, 1, c * c).sum(dim=-1)  # (1, B, C, 1)
-        dots = dots - box_mean.reshape(n_img, b, 1, k2).float() * r_sum
-        dots = dots.permute(1, 0, 3, 2).reshape(b, n_img * k2, c_count)
-        var = (box_sq - box_mean * box_mean).clamp(min=0.0) * (c * c)
-        norm = var.sqrt().float()
-        norm = norm.transpose(0, 1).reshape(b, n_img * k2, 1)  # variant order: warp, mirror, dy, dx
-        # a flat window (no contrast: NCC undefined) correlates 0 with everything
-        ncc = torch.where(norm >= _FLAT_NORM, dots / norm.clamp(min=_FLAT_NORM), torch.zeros((), dtype=dots.dtype))
-        sims, best = ncc.max(dim=1)  # (B, C)
-        sims = torch.where(valid, sims.clamp(-1.0, 1.0), torch.full_like(sims, -np.inf))
-        out[start:stop] = sims.numpy()
-        arg[start:stop] = best.numpy()
     return (out, arg) if return_argmax else out
 
 

@@ -32,9 +32,6 @@ import datetime as _dt
 import hashlib
 import itertools
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +45,8 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 from scipy import ndimage
 
-from privacy._files import current_umask, publish_folder
+from privacy._files import staged_folder
+from privacy.views import check_unit_values
 from privacy.audit import GUARANTEE_STATEMENT, VERDICTS, AuditResult, ImageVerdict, Verdict
 from privacy.calibration import Calibration, min_null_size, patient_disjoint_split
 
@@ -106,13 +104,7 @@ def check_volumes(volumes: np.ndarray, name: str = "volumes") -> np.ndarray:
     arr = np.asarray(volumes)
     if arr.ndim != 4 or arr.shape[0] == 0 or min(arr.shape[1:]) < 1:
         raise ValueError(f"{name} must have shape (N, D, H, W) with N >= 1, got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < -1e-3 or hi > 1.0 + 1e-3:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
-    return arr
+    return check_unit_values(arr, name)
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
@@ -573,13 +565,7 @@ class VolumeIndex:
             FileExistsError: ``directory`` exists and ``overwrite`` is false.
         """
         directory = Path(directory)
-        if directory.exists() and not overwrite:
-            raise FileExistsError(f"{directory} already exists; pass --overwrite to replace it")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
-            mask = current_umask()
-            os.chmod(tmp, 0o777 & ~mask)
+        with staged_folder(directory, overwrite) as tmp:
             save_np({"volumes": self.volumes.astype(np.float16), "ref_nn": self.ref_nn.astype(np.float64)},
                     str(tmp / REFERENCES_FILE))
             meta = {
@@ -595,10 +581,6 @@ class VolumeIndex:
             (tmp / "README.md").write_text(_README.format(
                 n=len(self.ids), shape=self.shape, spacing=self.spacing, created=self.info.get("created", "unknown"),
                 alpha=self.alpha, review_alpha=self.review_alpha, holdout=self.holdout.get("source", "unknown")))
-            publish_folder(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

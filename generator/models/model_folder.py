@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
-from generator._utils import best_device
+from generator._utils import best_device, move_entries
 from generator.models.pipeline import RadSynthPipeline
 
 RADSYNTH_JSON = "radsynth.json"
@@ -192,11 +192,7 @@ def save_model_folder(
         info = {**info, "model_hash": weights_hash(tmp)}
         (tmp / RADSYNTH_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card)
-        for entry in sorted(tmp.iterdir()):
-            dest = output / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
+        move_entries(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
+from generator._utils import move_entries
 from generator.volumes.models import VolumeModelConfig
 
 __all__ = ["RADSYNTH_JSON", "VolumeModel", "save_volume_model", "load_volume_model", "read_volume_info"]
@@ -160,11 +160,7 @@ def save_volume_model(
                 "versions": _versions()}
         (tmp / RADSYNTH_JSON).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card or _card(full))
-        for entry in sorted(tmp.iterdir()):
-            dest = output / entry.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            os.replace(entry, dest)
+        move_entries(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output
