@@ -105,7 +105,7 @@ class CopyEmbedder(nn.Module):
         return F.normalize(self.head(self.features(x)), dim=1)
 
     @torch.no_grad()
-    def embed(self, images: np.ndarray, batch_size: int = EMBED_BLOCK, progress: bool = False) -> np.ndarray:
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         """Embed ``(N, H, W)`` float images in ``[0, 1]``.
 
         Images go through the network in blocks of exactly :data:`EMBED_BLOCK` (the last one padded
@@ -115,13 +115,11 @@ class CopyEmbedder(nn.Module):
 
         Args:
             images: ``(N, H, W)`` float images in ``[0, 1]``.
-            batch_size: Accepted for compatibility; blocks are always :data:`EMBED_BLOCK` images.
             progress: Show a tqdm bar.
 
         Returns:
             ``(N, dim)`` float32 unit rows.
         """
-        del batch_size
         was_training = self.training
         self.eval()
         out = []

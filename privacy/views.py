@@ -263,7 +263,6 @@ def shifted_ncc_max(
     candidates: np.ndarray,
     max_shift: int,
     flips: bool = True,
-    chunk: int = 256,
     warps: Sequence[tuple[float, float]] = ((0.0, 1.0),),
     return_argmax: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -275,23 +274,21 @@ def shifted_ncc_max(
         candidates: ``(Q, C)`` int indices into the references (``-1`` = no candidate).
         max_shift: Largest shift searched, in pixels.
         flips: Include mirrored queries.
-        chunk: Ignored (kept for compatibility): queries and candidates go through fixed-size,
-            padded blocks, so that a pair's similarity does not depend on the rest of the call.
         warps: ``(angle_degrees, zoom)`` query warps searched too (rotation/crop invariance).
-
         return_argmax: Also return, per pair, the index of the best query variant (decode it with
             :func:`decode_variant`).
 
     Returns:
         ``(Q, C)`` float32 similarities in ``[-1, 1]`` (``-inf`` where the candidate is ``-1``);
-        with ``return_argmax``, a tuple of those and the ``(Q, C)`` int64 best variant indices.
+        with ``return_argmax``, a tuple of those and the ``(Q, C)`` int64 best variant indices. Queries and
+        candidates go through fixed-size, padded blocks, so a pair's value does not depend on the rest of
+        the call.
     """
     q_count, c_count = candidates.shape
     out = np.full((q_count, c_count), -np.inf, dtype=np.float32)
     arg = np.zeros((q_count, c_count), dtype=np.int64)
     if q_count == 0 or c_count == 0:
         return (out, arg) if return_argmax else out
-    del chunk  # fixed blocks instead: see the docstring
     s = query_ncc.shape[1]
     m = int(max_shift)
     c = s - 2 * m
