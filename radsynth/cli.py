@@ -132,6 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         status, message = describe_error(exc)
         print(f"radsynth {verb}: error: {message}", file=sys.stderr)
         return status
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun/accelerate launch, shut the process group down before the interpreter exits
+    (gloo's threads still running at exit can abort the process: "terminate called without an active
+    exception"). A local call: no other process is waited for."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def describe_error(exc: BaseException) -> tuple[int, str]:
