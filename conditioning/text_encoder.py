@@ -7,7 +7,6 @@ so RadSynth runs with no network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 

@@ -119,3 +119,12 @@ def move_entries(staging: Path, output: Path) -> None:
         if dest.is_dir():
             shutil.rmtree(dest)
         os.replace(entry, dest)
+
+
+def umask_file_mode() -> int:
+    """The mode a new file gets from ``open``: ``0o666 & ~umask`` (reads the process umask)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from generator._utils import umask_file_mode
+
 __all__ = [
     "MANIFEST", "file_mode", "atomic_write_bytes", "atomic_write_text", "atomic_save_png",
     "save_png", "load_png", "read_manifest", "append_line", "sort_manifest", "update_fields",
@@ -33,9 +35,7 @@ MANIFEST = "metadata.jsonl"
 
 def file_mode() -> int:
     """The mode a new file gets from ``open``: ``0o666 & ~umask`` (reads the process umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return umask_file_mode()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

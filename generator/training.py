@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import csv
 import json
+import hashlib
 import math
 import os
 import platform
@@ -72,6 +73,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
+from conditioning.attributes import ATTRIBUTE_SCHEMA, prompt_vectors
 from conditioning.prompts import paraphrase_prompt
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
 from generator._utils import best_device, cpu_only
@@ -91,7 +93,9 @@ from generator.data import IngestResult
 from generator.data.augment import Augment
 from generator.data.prepared import BatchReader, InMemoryImages, PreparedDataset, TrainingImages
 from generator.manifest import atomic_write_text
-from generator.models.build import build_noise_scheduler, build_unet, build_vae
+from generator.models.build import (
+    attribute_embedding_config, build_noise_scheduler, build_unet, build_vae, takes_attributes,
+)
 from generator.models.config import TrainConfig
 from generator.models.model_folder import (
     ModelInfo,
@@ -294,9 +298,20 @@ class TextEmbeddings:
     like :class:`LatentCache`, rows are read through a memory map opened per call (flat memory in T)."""
 
     NAME = "text-embeds.npy"
+    META = "text-embeds.json"
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @staticmethod
+    def matches(path: Path, meta_path: Path, ident: Mapping[str, Any]) -> bool:
+        """Whether ``path`` holds intact states described by ``meta_path`` as ``ident``."""
+        try:
+            meta = json.loads(meta_path.read_text())
+            rows = np.load(path, mmap_mode="r", allow_pickle=False).shape[0]
+        except (OSError, ValueError, EOFError, UnicodeDecodeError):
+            return False
+        return meta == dict(ident) and rows == ident["num_texts"]
 
     def rows(self, ids: list[int]) -> torch.Tensor:
         """Embeddings of texts ``ids``: ``(B, L, H)`` float16."""
@@ -712,10 +727,11 @@ class Trainer:
             acc.wait_for_everyone()
 
         texts, options = self._texts()
-        embeds = self._encode_texts(tokenizer, text_encoder, texts)
+        embeds = self._encode_texts(tokenizer, text_encoder, texts, identity["text_encoder_sha256"])
         self._say(f"encoded {len(texts)} distinct prompt texts with {type(text_encoder).__name__}")
+        labels = torch.from_numpy(prompt_vectors(texts)) if self.config.attribute_conditioning else None
         unet = self._train_unet(cache, float(vae.config.scaling_factor), embeds, options,
-                                hidden_size(text_encoder), source.unet if source is not None else None)
+                                hidden_size(text_encoder), source.unet if source is not None else None, labels)
 
         if self._main:
             self._save(vae, unet, text_encoder, tokenizer)
@@ -814,11 +830,21 @@ class Trainer:
         return cache
 
     @torch.no_grad()
-    def _encode_texts(self, tokenizer: Any, text_encoder: Any, texts: list[str]) -> "TextEmbeddings":
+    def _encode_texts(self, tokenizer: Any, text_encoder: Any, texts: list[str], encoder_sha256: str) -> "TextEmbeddings":
         """Encode ``texts`` (main process, 256 at a time) into ``<workspace>/text-embeds.npy``, ``(T, L, H)``
-        float16, written under a temporary name and renamed; returned memory-mapped."""
+        float16, written under a temporary name and renamed, then described in ``text-embeds.json``
+        (hash of the texts and of the encoder); returned memory-mapped. A resumed run whose workspace
+        holds the same texts' states reuses them (encoding ~10^5 prompt texts takes many CPU-minutes)."""
         path = self.workspace / TextEmbeddings.NAME
+        meta_path = self.workspace / TextEmbeddings.META
+        ident = {"texts_sha256": hashlib.sha256("\0".join(texts).encode("utf-8")).hexdigest(),
+                 "num_texts": len(texts), "text_encoder_sha256": encoder_sha256}
+        if self.resume and TextEmbeddings.matches(path, meta_path, ident):
+            self._say(f"resume: reusing the states of {len(texts)} prompt texts ({path.name})")
+            return TextEmbeddings(path)
+        self.accelerator.wait_for_everyone()  # no process may still be checking the old files
         if self._main:
+            meta_path.unlink(missing_ok=True)
             tmp = self.workspace / f".tmp-{TextEmbeddings.NAME}"
             def encode(i: int) -> np.ndarray:  # 256: a multiple of encode_prompts' batch (same numbers)
                 return encode_prompts(tokenizer, text_encoder, texts[i : i + 256]).to(torch.float16).cpu().numpy()
@@ -832,6 +858,7 @@ class Trainer:
             arr.flush()
             del arr
             os.replace(tmp, path)
+            atomic_write_text(meta_path, json.dumps(ident, indent=1) + "\n")
         self.accelerator.wait_for_everyone()
         return TextEmbeddings(path)
 
@@ -894,13 +921,18 @@ class Trainer:
         options: list[list[int]],
         cross_dim: int,
         init: UNet2DConditionModel | None = None,
+        labels: torch.Tensor | None = None,
     ) -> UNet2DConditionModel:
-        """Train the denoiser (from ``init``'s weights when given; it is not modified)."""
+        """Train the denoiser (from ``init``'s weights when given; it is not modified).
+
+        ``labels``: ``(num_texts, ATTRIBUTE_DIM)`` attribute vectors of the texts (row 0: the null
+        prompt's zeros), given with ``attribute_conditioning``; the UNet then takes them as
+        ``class_labels``. An ``init`` UNet without that input gets it, zero-initialised (it starts out
+        as ``init``)."""
         cfg, acc = self.config, self.accelerator
         start = time.monotonic()
         if init is not None:
-            unet = UNet2DConditionModel.from_config(init.config)
-            unet.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+            unet = self._unet_from(init, with_attributes=labels is not None)
             unet.train().requires_grad_(True)
         else:
             with torch.random.fork_rng(devices=[]):
@@ -933,12 +965,13 @@ class Trainer:
                 for j in range(b)
             ]
             context = embeds.rows(text_ids).float().to(acc.device)
+            class_labels = None if labels is None else labels[text_ids].to(acc.device)
             z0, noise, t = z0.to(acc.device), noise.to(acc.device), t.to(acc.device)
             noisy = noise_sched.add_noise(z0, noise, t)
             target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
             with acc.accumulate(unet):
                 with self._autocast():
-                    pred = unet(noisy, t, encoder_hidden_states=context).sample
+                    pred = unet(noisy, t, encoder_hidden_states=context, class_labels=class_labels).sample
                 per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.min_snr_gamma is not None:
                     snr = compute_snr(noise_sched, t.cpu()).to(acc.device)
@@ -966,6 +999,33 @@ class Trainer:
         self.result.final_loss["unet"] = float(np.mean(losses[-_LOG_EVERY:])) if losses else float("nan")
         self.result.seconds["unet"] = time.monotonic() - start
         return model.eval()
+
+    @staticmethod
+    def _unet_from(init: UNet2DConditionModel, with_attributes: bool) -> UNet2DConditionModel:
+        """A float32 copy of ``init`` to fine-tune; with an attribute input when asked (added with a
+        zero output layer when ``init`` has none, so the copy computes what ``init`` does)."""
+        if with_attributes == takes_attributes(init):
+            unet = UNet2DConditionModel.from_config(init.config)
+            unet.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+            return unet
+        if not with_attributes:
+            raise ValueError(
+                "--init-from: the model takes attribute vectors (attribute_conditioning) but this run's "
+                "training options do not; train with attribute_conditioning"
+            )
+        if init.config.get("class_embed_type") is not None:
+            raise ValueError(
+                f"--init-from: the model's UNet has a class embedding of type "
+                f"{init.config.get('class_embed_type')!r}; it cannot take attribute vectors"
+            )
+        unet = UNet2DConditionModel.from_config(init.config, **attribute_embedding_config())
+        missing, unexpected = unet.load_state_dict({k: v.float() for k, v in init.state_dict().items()},
+                                                   strict=False)
+        if unexpected or any(not k.startswith("class_embedding.") for k in missing):
+            raise ValueError(f"--init-from: the UNet's weights do not fit ({unexpected or missing})")
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        torch.nn.init.zeros_(unet.class_embedding.linear_2.bias)
+        return unet
 
     def _start_stage(
         self, stage: str, model: torch.nn.Module, lr: float, weight_decay: float, default_steps: int,
@@ -1130,6 +1190,7 @@ class Trainer:
             "intensity": d.intensity.to_dict(),
             "modality": d.intensity.modality,
             "train_config": self.config.to_dict(),
+            "attributes": ATTRIBUTE_SCHEMA if self.config.attribute_conditioning else None,
             "seed": self.seed,
             "text_encoder": {"name": self._text_encoder_label(),
                              "sha256": state_dict_hash(text_encoder),

@@ -141,7 +141,9 @@ def stock_diffusers_loop(
     """
     from diffusers import DPMSolverMultistepScheduler
 
+    from conditioning.attributes import prompt_vectors
     from conditioning.text_encoder import max_length
+    from generator.models.build import takes_attributes
 
     vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -152,13 +154,14 @@ def stock_diffusers_loop(
         return text_encoder(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
 
     context = torch.cat([embed([""] * len(prompts)), embed(prompts)])
+    labels = torch.from_numpy(prompt_vectors([""] * len(prompts) + list(prompts))) if takes_attributes(unet) else None
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     latents = latents * scheduler.init_noise_sigma
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-        noise_pred = unet(model_in, t, encoder_hidden_states=context).sample
+        noise_pred = unet(model_in, t, encoder_hidden_states=context, class_labels=labels).sample
         uncond, cond = noise_pred.chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
     image = vae.decode(latents / vae.config.scaling_factor).sample

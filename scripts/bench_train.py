@@ -138,7 +138,9 @@ def val_denoising_loss(model_dir: Path, val: "Any", draws: int = 4, seed: int = 
     import torch
     from diffusers import DDPMScheduler
 
+    from conditioning.attributes import prompt_vectors
     from conditioning.text_encoder import encode_prompts
+    from generator.models.build import takes_attributes
     from generator.models.model_folder import load_pipeline
 
     pipe, _ = load_pipeline(model_dir, device="cpu", half=False)
@@ -148,6 +150,7 @@ def val_denoising_loss(model_dir: Path, val: "Any", draws: int = 4, seed: int = 
     # as in training: hidden states stored in float16, used in float32
     embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, texts).to(torch.float16).float()
     text_idx = torch.tensor([texts.index(r.text) for r in val.records])
+    labels = torch.from_numpy(prompt_vectors(texts)) if takes_attributes(unet) else None
     images = torch.from_numpy(val.stack()).float().unsqueeze(1) * 2 - 1
     g = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
@@ -161,7 +164,8 @@ def val_denoising_loss(model_dir: Path, val: "Any", draws: int = 4, seed: int = 
                 noisy = noise_sched.add_noise(z0, noise, t)
                 target = noise if noise_sched.config.prediction_type == "epsilon" else \
                     noise_sched.get_velocity(z0, noise, t)
-                pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+                lab = None if labels is None else labels[text_idx[i : i + 64]]
+                pred = unet(noisy, t, encoder_hidden_states=ctx, class_labels=lab).sample
                 total += float(((pred - target) ** 2).mean(dim=(1, 2, 3)).sum())
                 count += z0.shape[0]
     return total / count
@@ -222,6 +226,7 @@ def interleaved_step_timing(preset: str, resolution: int, blocks: int, steps_per
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from conditioning.attributes import ATTRIBUTE_DIM
     from generator.models.build import build_unet, build_vae
     from generator.models.config import get_preset
     from generator.training import bf16_supported
@@ -232,6 +237,7 @@ def interleaved_step_timing(preset: str, resolution: int, blocks: int, steps_per
     x = torch.rand(cfg.vae_batch_size, 1, resolution, resolution) * 2 - 1
     z = torch.randn(cfg.unet_batch_size, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     ctx = torch.randn(cfg.unet_batch_size, 48, 384)
+    labels = torch.zeros(cfg.unet_batch_size, ATTRIBUTE_DIM) if cfg.attribute_conditioning else None
     t = torch.randint(0, 1000, (cfg.unet_batch_size,))
     opts = {"vae": torch.optim.AdamW(vae.parameters(), 1e-5), "unet": torch.optim.AdamW(unet.parameters(), 1e-5)}
 
@@ -243,7 +249,7 @@ def interleaved_step_timing(preset: str, resolution: int, blocks: int, steps_per
                 dist = vae.encode(x).latent_dist
                 loss = (vae.decode(dist.sample()).sample.float() - x).abs().mean() + 1e-6 * dist.kl().float().mean()
             else:
-                loss = (unet(z, t, encoder_hidden_states=ctx).sample.float() - z).pow(2).mean()
+                loss = (unet(z, t, encoder_hidden_states=ctx, class_labels=labels).sample.float() - z).pow(2).mean()
             loss.backward()
         opts[stage].step()
         opts[stage].zero_grad(set_to_none=True)

@@ -3,6 +3,9 @@
     python scripts/train_demo_model.py                       # ~45 CPU-minutes on 2 cores
     python scripts/train_demo_model.py --minutes 5 --output /tmp/demo_try
     python scripts/train_demo_model.py --embedder-only       # (re)write the shipped privacy embedder
+    python scripts/train_demo_model.py --init-from generator/demo_model --output /tmp/demo_ft --minutes 70
+                                      # fine-tune the bundled model's UNet (its VAE frozen), e.g. to add
+                                      # attribute conditioning (issue 12); then copy /tmp/demo_ft over it
 
 The phantoms are regenerated from their seed (nothing is downloaded, no real patient is involved),
 written to a scratch folder outside the repository, and used to train the ``small`` preset at 64 px.
@@ -69,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="auto (default): bf16 where the CPU/GPU has native bfloat16")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="fine-tune this model folder's UNet (VAE frozen) instead of training from scratch; "
+                        "must differ from --output")
+    p.add_argument("--no-attribute-conditioning", action="store_true",
+                   help="text-encoder states only (the ablation of issue 12's attribute vectors)")
     p.add_argument("--embedder-only", action="store_true",
                    help=f"only (re)write {DEMO_EMBEDDER_FILE} of an existing model folder")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.embedder_only:
         _write_embedder(out, args.num_images, args.seed)
         return 0
+    if args.init_from is not None and Path(args.init_from).resolve() == out.resolve():
+        p.error("--init-from must differ from --output (the output folder is replaced)")
     work = Path(tempfile.mkdtemp(prefix="radsynth_demo_phantoms_"))
     t0 = time.time()
     try:
@@ -88,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():
             shutil.rmtree(out)
         result = Trainer(
-            data, out, get_preset("small"), resolution=DEMO_TRAINING["size"], seed=args.seed,
+            data, out, get_preset("small", attribute_conditioning=not args.no_attribute_conditioning), resolution=DEMO_TRAINING["size"], seed=args.seed,
             max_minutes=args.minutes, max_steps=args.max_steps, mixed_precision=args.mixed_precision,
-            link_packaged_text_encoder=True, save_dtype=torch.float16,
+            link_packaged_text_encoder=True, save_dtype=torch.float16, init_from=args.init_from,
         ).run()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -20,7 +20,7 @@ ALLOWED = {
 #: Inside ``generator``: module or subpackage -> the generator parts it may import.
 GENERATOR_LAYERS = {
     "_utils": set(),
-    "manifest": set(),
+    "manifest": {"_utils"},
     "data": {"_utils", "manifest"},
     "models": {"_utils"},
     "phantoms": {"manifest"},

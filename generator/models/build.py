@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from conditioning.attributes import ATTRIBUTE_DIM
 from generator.models.config import TrainConfig
 
 def build_vae(cfg: TrainConfig, resolution: int, channels: int = 1) -> AutoencoderKL:
@@ -31,7 +32,9 @@ def build_vae(cfg: TrainConfig, resolution: int, channels: int = 1) -> Autoencod
 
 def build_unet(cfg: TrainConfig, cross_attention_dim: int) -> UNet2DConditionModel:
     """A fresh denoiser over ``(B, latent_channels, latent_size, latent_size)`` latents,
-    cross-attending to ``(B, L, cross_attention_dim)`` text hidden states."""
+    cross-attending to ``(B, L, cross_attention_dim)`` text hidden states; with
+    ``cfg.attribute_conditioning`` it also takes ``class_labels``, the ``(B, ATTRIBUTE_DIM)`` attribute
+    vectors of :mod:`conditioning.attributes`, projected and added to the timestep embedding."""
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.unet_attention)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.unet_attention))
     return UNet2DConditionModel(
@@ -45,7 +48,31 @@ def build_unet(cfg: TrainConfig, cross_attention_dim: int) -> UNet2DConditionMod
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=cfg.unet_heads,
         norm_num_groups=cfg.norm_groups,
+        **(attribute_embedding_config() if cfg.attribute_conditioning else {}),
     )
+
+
+def attribute_embedding_config() -> dict[str, object]:
+    """``UNet2DConditionModel`` keyword arguments of the attribute-vector input (a projection class
+    embedding of :data:`conditioning.attributes.ATTRIBUTE_DIM` values)."""
+    return {"class_embed_type": "projection", "projection_class_embeddings_input_dim": ATTRIBUTE_DIM}
+
+
+def takes_attributes(unet: UNet2DConditionModel) -> bool:
+    """Whether ``unet`` was built to take attribute vectors as ``class_labels``.
+
+    Raises:
+        ValueError: it has a projection class embedding of another width (another attribute layout).
+    """
+    if unet.config.get("class_embed_type") != "projection":
+        return False
+    width = unet.config.get("projection_class_embeddings_input_dim")
+    if width != ATTRIBUTE_DIM:
+        raise ValueError(
+            f"the UNet's class embedding takes {width} values, but this RadSynth's attribute vectors have "
+            f"{ATTRIBUTE_DIM} (conditioning.attributes); the model comes from another version"
+        )
+    return True
 
 
 def build_noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:

@@ -79,6 +79,10 @@ class TrainConfig:
         ema_decay: Maximum decay of the exponential moving average of UNet weights.
         text_augment: Reword prompts from structured attributes during training, when the data has
             them (``conditioning.prompts.paraphrase_prompt``).
+        attribute_conditioning: Also condition the UNet on the attributes read back from each prompt
+            (``conditioning.attributes``: finding, side, lobe, size, sex, age) through its class
+            embedding (``class_embed_type="projection"``). Model folders written before this field
+            existed get ``False``.
         vae_share: Share of ``--max-minutes`` given to the VAE stage.
         vae_steps: Default number of VAE steps (``--max-steps`` bounds it).
         unet_steps: Default number of UNet steps (``--max-steps`` bounds it).
@@ -108,6 +112,7 @@ class TrainConfig:
     prompt_dropout: float = 0.1
     ema_decay: float = 0.999
     text_augment: bool = True
+    attribute_conditioning: bool = True
     vae_share: float = 0.25
     vae_steps: int = 1500
     unet_steps: int = 6000
@@ -151,7 +156,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not value or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in value):
                 raise ValueError(f"{name} must be a non-empty tuple of integers >= 1, got {value!r}")
-        for name in ("vae_mid_block_attention", "text_augment"):
+        for name in ("vae_mid_block_attention", "text_augment", "attribute_conditioning"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -201,10 +206,11 @@ class TrainConfig:
 
         Fields missing from ``d`` take their defaults, except ``vae_mid_block_attention``: configs
         saved before it existed (the bundled demo model's) used ``preset == "base"`` for it, so it is
-        derived from ``d["preset"]`` to rebuild the same architecture.
+        derived from ``d["preset"]`` to rebuild the same architecture; and ``attribute_conditioning``,
+        which such configs did not have (``False``).
         """
         names = {f.name: f for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"attribute_conditioning": False}
         if "vae_mid_block_attention" not in d:
             kwargs["vae_mid_block_attention"] = d.get("preset", cls.preset) == "base"
         for key, value in d.items():

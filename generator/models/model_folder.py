@@ -29,8 +29,10 @@ from typing import Any
 
 import torch
 
+from conditioning.attributes import ATTRIBUTE_SCHEMA
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
-from generator._utils import best_device, move_entries
+from generator._utils import best_device, move_entries, umask_file_mode
+from generator.models.build import takes_attributes
 from generator.models.pipeline import RadSynthPipeline
 
 RADSYNTH_JSON = "radsynth.json"
@@ -192,6 +194,10 @@ def save_model_folder(
         info = {**info, "model_hash": weights_hash(tmp)}
         (tmp / RADSYNTH_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card)
+        mode = umask_file_mode()  # safetensors writes weights private (0o600); give them the umask's mode
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                os.chmod(f, mode)
         move_entries(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,6 +336,12 @@ def load_pipeline(
         raise ValueError(
             f"model folder {str(info.path)!r} cannot be loaded: {first} (model folders hold safetensors weights)"
         ) from None
+    recorded_layout = info.raw.get("attributes")  # None: a folder without radsynth.json's record
+    if takes_attributes(pipe.unet) and recorded_layout not in (None, ATTRIBUTE_SCHEMA):
+        raise ValueError(
+            f"the UNet of {str(info.path)!r} takes attribute vectors of layout {recorded_layout!r} "
+            f"(radsynth.json 'attributes'), but this RadSynth makes {ATTRIBUTE_SCHEMA!r}"
+        )
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return pipe, info

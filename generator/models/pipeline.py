@@ -51,8 +51,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from conditioning.attributes import prompt_vectors
 from conditioning.text_encoder import encode_prompts
 from generator._utils import look_up_option
+from generator.models.build import takes_attributes
 from generator.models.samplers import PRECISIONS, Precision  # "auto" resolves per device
 
 __all__ = [
@@ -533,13 +535,18 @@ class RadSynthPipeline(DiffusionPipeline):
         _, tile = self.vae_decode_plan(latent_shape, vae_slicing, vae_tiling, vae_tile_size)
 
         # 2. Encode the prompts (and the negative/null prompts for guidance), each distinct one once.
+        #    A UNet with an attribute input also gets each prompt's attribute vector (side, size, ...).
         cond = self.encode_prompt(prompts)
         use_cfg = guidance_scale != 1.0
+        negatives = negative_prompt or [""] * len(prompts)
         if use_cfg:
-            uncond = self.encode_prompt(negative_prompt or [""] * len(prompts))
+            uncond = self.encode_prompt(negatives)
             context = torch.cat([uncond, cond])
         else:
             context = cond
+        labels = None
+        if takes_attributes(self.unet):
+            labels = torch.from_numpy(prompt_vectors((negatives if use_cfg else []) + prompts))
 
         # 3. Timesteps (the last int(steps * strength) of the schedule).
         timesteps, _ = self.get_timesteps(num_inference_steps, strength)
@@ -571,11 +578,13 @@ class RadSynthPipeline(DiffusionPipeline):
             device.type, dtype=_DTYPES[precision], enabled=use_autocast and precision != "fp32"
         )
         context = context.to(run_dtype)
+        if labels is not None:
+            labels = labels.to(device=device, dtype=run_dtype)
         for i, t in enumerate(self.progress_bar(timesteps)):
             model_in = torch.cat([latents] * 2) if use_cfg else latents
             model_in = self.scheduler.scale_model_input(model_in, t).to(run_dtype)
             with autocast:
-                pred = unet(model_in, t, encoder_hidden_states=context).sample
+                pred = unet(model_in, t, encoder_hidden_states=context, class_labels=labels).sample
             pred = pred.float()
             if use_cfg:
                 pred_uncond, pred_cond = pred.chunk(2)

@@ -182,3 +182,30 @@ def test_save_refuses_absolute_paths(tmp_path, tiny_model):
         save_model_folder(pipe, tmp_path / "out", info={**info.raw, "data": {"source": "/home/me/data"},
                                                          "extra": ["ok", "C:\\data"]}, card="")
     assert not (tmp_path / "out").exists()
+
+
+def test_model_folder_files_get_the_umask_mode(tiny_model):
+    """Weights are shareable like the other files (safetensors alone would write them 0o600)."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(tiny_model).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in tiny_model.rglob("*") if p.is_file()}
+    assert any(k.endswith(".safetensors") for k in modes)
+    assert all(m == 0o666 & ~mask for m in modes.values()), modes
+
+
+def test_unknown_attribute_layout_is_refused(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from generator.models.model_folder import load_pipeline
+
+    copy = tmp_path / "m"
+    shutil.copytree(tiny_model, copy)
+    info = json.loads((copy / "radsynth.json").read_text())
+    (copy / "radsynth.json").write_text(json.dumps({**info, "attributes": "radsynth-attributes-99"}))
+    with pytest.raises(ValueError, match="radsynth-attributes-99"):
+        load_pipeline(copy, device="cpu")

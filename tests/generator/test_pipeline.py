@@ -315,3 +315,27 @@ def test_vae_decode_option_errors(pipe, kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         pipe(["dark field"], num_inference_steps=2, callback=lambda i, n: steps.append(i), **kwargs)
     assert steps == []  # refused before sampling
+
+
+def test_attribute_vectors_reach_the_unet(pipe, tiny_model):
+    """A model trained with attribute_conditioning gets, with each prompt, the attribute vector read
+    back from its text (null prompt: zeros), in the order of the guidance batch."""
+    import json
+
+    from conditioning.attributes import ATTRIBUTE_SCHEMA, prompt_vectors
+    from generator.models.build import takes_attributes
+
+    assert takes_attributes(pipe.unet)
+    assert json.loads((tiny_model / "radsynth.json").read_text())["attributes"] == ATTRIBUTE_SCHEMA
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["class_labels"].clone()), with_kwargs=True)
+    prompts = ["chest radiograph, small left pleural effusion", "chest radiograph, 20 mm nodule in the right upper lobe"]
+    try:
+        pipe(prompts, seeds=[0, 1], num_inference_steps=2, guidance_scale=3.0, precision="fp32")
+        pipe(prompts[:1], seeds=[0], num_inference_steps=1, guidance_scale=1.0, precision="fp32")
+    finally:
+        hook.remove()
+    want = torch.from_numpy(prompt_vectors(["", ""] + prompts))
+    assert len(seen) == 3 and torch.equal(seen[0].float(), want) and torch.equal(seen[1].float(), want)
+    assert torch.equal(seen[2].float(), want[2:3])  # no guidance: the prompt's vector only

@@ -64,7 +64,7 @@ def test_checkpoint_layout_is_safetensors_and_json(tmp_path, square_data, tiny_t
                    if p.is_file())
     assert files == [
         "latents-mean.npy", "latents-std.npy", "latents.json",  # the latent cache (plain .npy, no pickle)
-        "run.json", "text-embeds.npy",  # prompt hidden states (memory-mapped by the UNet stage)
+        "run.json", "text-embeds.json", "text-embeds.npy",  # prompt hidden states (memory-mapped) and their hashes
         "unet-2/ema.safetensors", "unet-2/model.safetensors", "unet-2/optimizer.safetensors", "unet-2/state.json",
         "vae-final/model.safetensors", "vae-final/state.json",
     ]
@@ -154,7 +154,7 @@ def test_fresh_run_clears_stale_checkpoints(tmp_path, square_data, tiny_text_enc
            step_hook=lambda s, n: seen.append((s, n)))
     assert seen[0] == ("vae", 1)  # started over
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert kept == ["latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.npy",
+    assert kept == ["latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.json", "text-embeds.npy",
                     "unet-2", "vae-final"]
 
 

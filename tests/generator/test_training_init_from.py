@@ -42,8 +42,9 @@ def test_fine_tune_keeps_vae_and_text_encoder_and_moves_the_unet(fine_tuned):
     demo_vae, vae = _weights(DEMO_MODEL_DIR, "vae"), _weights(out, "vae")
     assert all(torch.equal(vae[k], demo_vae[k].float()) for k in demo_vae)  # frozen (demo stores fp16)
     demo_unet, unet = _weights(DEMO_MODEL_DIR, "unet"), _weights(out, "unet")
-    assert set(unet) == set(demo_unet)
-    diff = max(float((unet[k] - demo_unet[k].float()).abs().max()) for k in unet)
+    # the demo's keys, plus the attribute input when the demo model has none (attribute_conditioning)
+    assert set(unet) >= set(demo_unet) and all(k.startswith("class_embedding.") for k in set(unet) - set(demo_unet))
+    diff = max(float((unet[k] - demo_unet[k].float()).abs().max()) for k in demo_unet)
     assert 0 < diff < 0.05  # started from the demo's weights: moved a little, not re-initialised
     info = json.loads((out / "radsynth.json").read_text())
     assert info["init_from"]["name"] == "demo_model" and info["init_from"]["vae"] == "frozen"
@@ -118,3 +119,23 @@ def test_fine_tune_stable_diffusion_layout(tmp_path, square_data, tiny_text_enco
     assert loaded.channels == 3 and type(pipe.text_encoder).__name__ == "CLIPTextModel"
     img = pipe(["bright square"], seeds=[0], num_inference_steps=2).images
     assert img.shape == (1, 16, 16) and 0.0 <= img.min() <= img.max() <= 1.0
+
+
+def test_attribute_input_added_to_an_old_unet_starts_as_that_unet(tiny_text_encoder):
+    """A UNet without attribute input (models written before issue 12) gains one whose output layer is
+    zero: the fine-tune starts from exactly the old model's predictions, whatever the attributes."""
+    from conditioning.attributes import ATTRIBUTE_DIM
+    from generator.models.build import build_unet, takes_attributes
+
+    torch.manual_seed(0)
+    old = build_unet(get_preset("tiny", attribute_conditioning=False), 16).eval()
+    new = Trainer._unet_from(old, with_attributes=True).eval()
+    assert not takes_attributes(old) and takes_attributes(new)
+    z, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 16)
+    labels = torch.rand(2, ATTRIBUTE_DIM)
+    with torch.no_grad():
+        want = old(z, t, encoder_hidden_states=ctx).sample
+        got = new(z, t, encoder_hidden_states=ctx, class_labels=labels).sample
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="attribute_conditioning"):
+        Trainer._unet_from(new, with_attributes=False)

@@ -131,11 +131,14 @@ def test_interrupted_run_resumes_exactly_from_a_prepared_folder(prepared: Path, 
         _train(PreparedDataset(prepared, resolution=RES), out, tiny_text_encoder, step_hook=interrupt)
     latents = out / "checkpoints" / "latents-mean.npy"
     before = (latents.stat().st_ino, latents.stat().st_mtime_ns)
+    states = out / "checkpoints" / "text-embeds.npy"
+    states_before = (states.stat().st_ino, states.stat().st_mtime_ns)
     seen: list[tuple[str, int]] = []
     _train(PreparedDataset(prepared, resolution=RES), out, tiny_text_encoder, resume=True, keep_checkpoints=True,
            dataloader_workers=1, step_hook=lambda s, n: seen.append((s, n)))
     assert seen[0] == ("unet", 3)
     assert (latents.stat().st_ino, latents.stat().st_mtime_ns) == before  # the cache was reused, not rewritten
+    assert (states.stat().st_ino, states.stat().st_mtime_ns) == states_before  # prompt states too
     _assert_same_weights(prepared_model, out)
 
 
