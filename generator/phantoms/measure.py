@@ -22,7 +22,9 @@ Steps of :func:`measure`:
    angle, meniscus, whited-out base). Bilateral symmetric effusions are not detected.
 4. Nodule: the strongest bright blob (both Hessian eigenvalues negative, scale-normalised, sigma 1-2.8
    px at 64 px) inside the lung fields (each closed with a disk, so an edge nodule counts), divided
-   by the lung/soft-tissue contrast.
+   by the lung/soft-tissue contrast. Its size: the sigma of the strongest scale-normalised response
+   at that blob on a dense sigma set (0.75-3.5 px at 64 px, step 0.125, parabolic peak), turned into a
+   diameter (see :data:`NODULE_DIAMETER_PER_SIGMA`).
 5. Pneumothorax: the darkest decile of the lateral lung zones of one side clearly darker than the
    other side's (the pleural space is air without lung markings).
 6. Consolidation: one lung's aerated area clearly smaller than the other's (after allowing for the
@@ -30,6 +32,21 @@ Steps of :func:`measure`:
 
 Thresholds were set on rendered phantoms (:mod:`generator.phantoms`); the agreement numbers are in the
 tests and the README.
+
+Sizes and sides against a prompt (issue 12), on top of :func:`matches_prompt`:
+:func:`side_swapped` (the finding drawn on the other side), :func:`nodule_diameter_mm` /
+:func:`nodule_size_error_mm` (pixels to mm through the measured thorax width and
+:data:`THORAX_WIDTH_MM`), :func:`effusion_grade` / :func:`effusion_grade_mismatch` (small / moderate /
+large from the costophrenic-angle rise). How well they separate sizes on phantoms (60 per size, random
+sex and age, seeds disjoint from the calibration): at 64 px nodules of 14 / 20 / 30 mm measure
+14.0 +- 2.2 / 20.1 +- 1.7 / 28.7 +- 3.0 mm (mean +- SD; mean absolute error 1.9 / 1.4 / 2.6 mm); cut
+half-way, 12% of the 14 mm nodules read as 20 mm and 2% the other way, 7% of the 30 mm ones read as
+20 mm and none the other way, so 14 and 20 mm are told apart on most images but not all. At 128 px:
+13.6 +- 1.4 / 19.4 +- 1.6 / 28.7 +- 2.4 mm. Below about 12 mm (2 px at 64 px) the size is not resolved
+(the smallest sigma searched sets a floor). The px-to-mm ruler assumes an adult thorax
+(:data:`THORAX_WIDTH_MM`); a child's or an unusually wide chest biases the mm by its width ratio.
+Effusion grades were right on all 360 phantoms (small / moderate / large, 64 and 128 px; scores
+1.2-1.9 / 3.5-4.2 / 6.4-7.4).
 """
 
 from __future__ import annotations
@@ -48,6 +65,22 @@ EFFUSION_CP_RISE = 0.07  # costophrenic angle rise vs the other side, fraction o
 NODULE_THRESHOLD = 0.12
 PNEUMOTHORAX_THRESHOLD = 0.12
 CONSOLIDATION_AREA_RATIO = 0.85
+#: Effusion grade from ``effusion_score`` (multiples of :data:`EFFUSION_CP_RISE`): ``small`` below the
+#: first bound, ``moderate`` up to the second, ``large`` above. Midway between the score ranges of the
+#: phantoms' grades at 64 and 128 px (small 1.2-1.9, moderate 3.5-4.2, large 6.4-7.4).
+EFFUSION_GRADE_BOUNDS = (2.7, 5.3)
+#: Nodule diameter from the blob scale ``sigma`` (px) of the strongest response:
+#: ``d = NODULE_DIAMETER_PER_SIGMA * sigma + NODULE_DIAMETER_OFFSET_PX * H / 64``. A flat disk without
+#: blur would give ``d = 2 * sqrt(2) * sigma``; the phantoms' nodules are spheres (brighter in the
+#: middle) seen through the detector blur, and a least-squares fit on phantoms (14-34 mm, 64 and 128
+#: px, ground-truth diameters) gives these values.
+NODULE_DIAMETER_PER_SIGMA = 3.59
+NODULE_DIAMETER_OFFSET_PX = -0.65
+#: Inner thorax width in mm used to turn pixels into mm (the measurement sees no scale): adult
+#: phantoms are drawn ~300 mm wide (men) and ~270 mm (women) in :mod:`generator.phantoms.render`.
+THORAX_WIDTH_MM = 285.0
+#: Blob scales searched for the nodule's size, in px at 64 px (times ``H / 64``).
+_NODULE_SIGMAS = np.arange(0.75, 3.5 + 1e-9, 0.125)
 
 _MIN_SIZE = 32
 
@@ -71,6 +104,10 @@ class Measurement:
         nodule_score: Blob strength relative to lung contrast.
         nodule_center_px: ``(row, col)`` of the strongest blob, or ``None``.
         nodule_side: Patient side of that blob, or ``None``.
+        nodule_sigma_px: Gaussian scale in pixels at which that blob responds most (``nan`` without
+            a nodule).
+        nodule_diameter_px: Diameter estimated from it (``nan`` without a nodule); see
+            :data:`NODULE_DIAMETER_PER_SIGMA`, and :func:`nodule_diameter_mm` for mm.
         pneumothorax: Per side, whether a pneumothorax is shown.
         pneumothorax_score: Per side, how much darker its lateral lung zones' darkest decile is than the
             other side's, relative to lung/soft-tissue contrast.
@@ -90,6 +127,8 @@ class Measurement:
     nodule_score: float = 0.0
     nodule_center_px: tuple[float, float] | None = None
     nodule_side: str | None = None
+    nodule_sigma_px: float = float("nan")
+    nodule_diameter_px: float = float("nan")
     pneumothorax: dict[str, bool] = field(default_factory=lambda: {"right": False, "left": False})
     pneumothorax_score: dict[str, float] = field(default_factory=lambda: {"right": 0.0, "left": 0.0})
     consolidation: dict[str, bool] = field(default_factory=lambda: {"right": False, "left": False})
@@ -146,6 +185,64 @@ def _blob_response(img: np.ndarray, sigma: float) -> np.ndarray:
     disc = np.sqrt(((hxx - hyy) / 2) ** 2 + hxy**2)
     lam_max = tr / 2 + disc
     return np.clip(-lam_max, 0.0, None) * sigma**2
+
+
+def _gaussian_kernels(sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1D Gaussian kernel and its first and second derivatives, as :func:`scipy.ndimage.gaussian_filter`
+    builds them (truncated at 4 sigma)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 * x**2 / sigma**2)
+    phi /= phi.sum()
+    return phi, -x / sigma**2 * phi, (x**2 / sigma**4 - 1.0 / sigma**2) * phi
+
+
+def _blob_scale(img: np.ndarray, row: int, col: int, scale: float) -> float:
+    """Gaussian scale (px) at which the blob at ``(row, col)`` responds most.
+
+    The scale-normalised response of :func:`_blob_response` is evaluated only at the 3 x 3 pixels around
+    ``(row, col)`` (each sigma: three small matrix products instead of three whole-image filters) for
+    sigmas :data:`_NODULE_SIGMAS` ``* scale``; the best one is refined with a parabola through it and
+    its neighbours.
+
+    Args:
+        img: ``float (H, W)`` image.
+        row, col: Pixel of the blob.
+        scale: ``H / 64``.
+
+    Returns:
+        Sigma in pixels, within the searched range.
+    """
+    sigmas = _NODULE_SIGMAS * scale
+    pad = int(4.0 * sigmas[-1] + 0.5) + 1
+    padded = np.pad(img.astype(np.float64), pad, mode="symmetric")  # scipy's "reflect"
+    r, c = row + pad, col + pad
+    resp = np.empty(len(sigmas))
+    for i, sig in enumerate(sigmas):
+        g0, g1, g2 = _gaussian_kernels(float(sig))
+        n = len(g0)
+        rad = n // 2
+        win = padded[r - rad - 1 : r + rad + 2, c - rad - 1 : c + rad + 2]  # (n + 2, n + 2)
+        bands = []
+        for g in (g0, g1, g2):
+            band = np.zeros((3, n + 2))
+            for j in range(3):
+                band[j, j : j + n] = g
+            bands.append(band)
+        b0, b1, b2 = bands
+        hxx = b0 @ win @ b2.T  # (3, 3): rows smoothed, columns differentiated twice
+        hyy = b2 @ win @ b0.T
+        hxy = b1 @ win @ b1.T
+        lam_max = (hxx + hyy) / 2 + np.sqrt(((hxx - hyy) / 2) ** 2 + hxy**2)
+        resp[i] = float(np.clip(-lam_max, 0.0, None).max()) * sig**2
+    k = int(np.argmax(resp))
+    best = float(sigmas[k])
+    if 0 < k < len(sigmas) - 1:
+        a, b, d = resp[k - 1], resp[k], resp[k + 1]
+        den = a - 2 * b + d
+        if den < 0:
+            best += float(np.clip(0.5 * (a - d) / den, -0.5, 0.5)) * float(sigmas[1] - sigmas[0])
+    return best
 
 
 def _lateral_run(row: np.ndarray, lateral_end: str) -> float | None:
@@ -318,6 +415,10 @@ def measure(image: np.ndarray) -> Measurement:
     nod_score = float(resp.flat[k] / contrast)
     nodule = nod_score >= NODULE_THRESHOLD
     nrow, ncol = divmod(k, w)
+    nod_sigma = nod_diam = float("nan")
+    if nodule:
+        nod_sigma = _blob_scale(img, nrow, ncol, scale)
+        nod_diam = max(NODULE_DIAMETER_PER_SIGMA * nod_sigma + NODULE_DIAMETER_OFFSET_PX * scale, 0.0)
 
     # 5. pneumothorax: darker peripheral band than the same band on the other side
     # the pleural space is the darkest air in the chest: compare the darkest decile of each lung
@@ -355,6 +456,8 @@ def measure(image: np.ndarray) -> Measurement:
         nodule_score=nod_score,
         nodule_center_px=(float(nrow), float(ncol)) if nodule else None,
         nodule_side=("right" if ncol < mid else "left") if nodule else None,
+        nodule_sigma_px=nod_sigma,
+        nodule_diameter_px=nod_diam,
         pneumothorax=pneumothorax,
         pneumothorax_score=ptx_score,
         consolidation=consolidation,
@@ -414,6 +517,131 @@ def matches_prompt(measurement: Measurement, attributes: Mapping[str, Any]) -> d
             continue
         out[name] = bool(m.valid and ok)
     return out
+
+
+def _sided_findings(attributes: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(canonical name, patient side)`` of the requested findings that name a side or a lobe and that
+    the measurement can localise."""
+    out = []
+    for f in normalize_findings(attributes.get("findings")):
+        side = _side_of(f.get("location"))
+        if side and f["name"] in ("pleural effusion", "nodule", "pneumothorax", "consolidation"):
+            out.append((f["name"], side))
+    return out
+
+
+def side_swapped(measurement: Measurement, attributes: Mapping[str, Any]) -> bool | None:
+    """Whether a finding asked on one side was measured on the *other* side only.
+
+    For each requested finding with a side (``location`` ``"left"``/``"right"`` or a lobe): a nodule
+    counts as swapped when the nodule found lies on the other side (:attr:`Measurement.nodule_side`);
+    an effusion, pneumothorax or consolidation when the measurement calls it on the other side and not
+    on the asked one. An image that shows the finding on both sides, or on neither, is not swapped
+    (that is a miss, counted by :func:`matches_prompt`). An invalid measurement swaps nothing.
+
+    Args:
+        measurement: From :func:`measure`.
+        attributes: The prompt's attributes (``findings`` as in :func:`conditioning.prompts.build_prompt`).
+
+    Returns:
+        ``True`` if any sided finding was swapped, ``False`` if none was, ``None`` when the prompt asks
+        for no finding with a side (normal, cardiomegaly, an effusion without side, ...).
+    """
+    sided = _sided_findings(attributes)
+    if not sided:
+        return None
+    m = measurement
+    if not m.valid:
+        return False
+    for name, side in sided:
+        other = "left" if side == "right" else "right"
+        if name == "nodule":
+            swapped = m.nodule and m.nodule_side == other
+        else:
+            shown = {"pleural effusion": m.effusion, "pneumothorax": m.pneumothorax,
+                     "consolidation": m.consolidation}[name]
+            swapped = shown[other] and not shown[side]
+        if swapped:
+            return True
+    return False
+
+
+def nodule_diameter_mm(measurement: Measurement, thorax_width_mm: float = THORAX_WIDTH_MM) -> float:
+    """Diameter of the nodule found, in mm: :attr:`Measurement.nodule_diameter_px` scaled by
+    ``thorax_width_mm / thorax_width_px`` (the image carries no pixel spacing, so the thorax is the
+    ruler; :data:`THORAX_WIDTH_MM` is the phantoms' adult mean).
+
+    Returns:
+        The diameter, or ``nan`` when no nodule was found or the measurement is invalid.
+
+    Raises:
+        ValueError: ``thorax_width_mm`` not positive.
+    """
+    if not thorax_width_mm > 0:
+        raise ValueError(f"thorax_width_mm must be > 0, got {thorax_width_mm!r}")
+    m = measurement
+    if not (m.valid and m.nodule and np.isfinite(m.nodule_diameter_px) and m.thorax_width_px > 0):
+        return float("nan")
+    return float(m.nodule_diameter_px * thorax_width_mm / m.thorax_width_px)
+
+
+def effusion_grade(measurement: Measurement, side: str) -> str | None:
+    """Grade (``"small"``, ``"moderate"``, ``"large"``) of the effusion measured on the patient's
+    ``side``, from its costophrenic-angle rise (:attr:`Measurement.effusion_score`, bounds
+    :data:`EFFUSION_GRADE_BOUNDS`); ``None`` when no effusion is called on that side.
+
+    Raises:
+        ValueError: ``side`` not ``"left"`` or ``"right"``.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    m = measurement
+    if not (m.valid and m.effusion[side]):
+        return None
+    score = m.effusion_score[side]
+    lo, hi = EFFUSION_GRADE_BOUNDS
+    return "small" if score < lo else "moderate" if score < hi else "large"
+
+
+def nodule_size_error_mm(
+    measurement: Measurement, attributes: Mapping[str, Any], thorax_width_mm: float = THORAX_WIDTH_MM
+) -> float | None:
+    """Absolute error in mm of the measured nodule diameter against the requested ``size_mm``.
+
+    Defined only where it means something: the prompt asks for a nodule with a ``size_mm`` and the
+    image shows it (on the asked side, as :func:`matches_prompt` decides); otherwise ``None``, so that a
+    mean over images is the size error *of the nodules shown*, apart from the detection rate.
+
+    Raises:
+        ValueError: ``size_mm`` not a number, or ``thorax_width_mm`` not positive.
+    """
+    nodules = [f for f in normalize_findings(attributes.get("findings")) if f["name"] == "nodule"]
+    if not nodules or nodules[0].get("size_mm") is None:
+        return None
+    try:
+        asked = float(nodules[0]["size_mm"])
+    except (TypeError, ValueError):
+        raise ValueError(f"nodule size_mm must be a number of mm, got {nodules[0]['size_mm']!r}") from None
+    if not matches_prompt(measurement, {"findings": [nodules[0]]}).get("nodule", False):
+        return None
+    return abs(nodule_diameter_mm(measurement, thorax_width_mm) - asked)
+
+
+def effusion_grade_mismatch(measurement: Measurement, attributes: Mapping[str, Any]) -> bool | None:
+    """Whether the measured grade of a requested, sided effusion differs from the requested ``size``.
+
+    ``None`` unless the prompt asks for a pleural effusion with a side and a ``size`` and the image
+    shows it on that side (as for :func:`nodule_size_error_mm`, misses are not size errors).
+    """
+    for f in normalize_findings(attributes.get("findings")):
+        side = _side_of(f.get("location"))
+        if f["name"] != "pleural effusion" or side is None or f.get("size") is None:
+            continue
+        grade = effusion_grade(measurement, side)
+        if grade is None:
+            return None
+        return grade != str(f["size"]).strip().lower()
+    return None
 
 
 def text_control_summary(lines: Sequence[Mapping[str, Any]], images: Sequence[np.ndarray]) -> dict[str, dict[str, int]]:
