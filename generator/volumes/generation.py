@@ -32,7 +32,7 @@ from generator.volumes.previews import BODY_WINDOW, save_preview
 from generator.volumes.records import Volume
 
 __all__ = ["VolumeRequest", "VolumeGenerationSummary", "make_volume_requests", "prepare_volume_output",
-           "generate_volumes_to_folder", "RUN_FILE", "PREVIEW_DIR"]
+           "generate_volumes_to_folder", "regenerate_volume_line", "RUN_FILE", "PREVIEW_DIR"]
 
 RUN_FILE = "generation.json"
 PREVIEW_DIR = "previews"
@@ -226,3 +226,37 @@ def generate_volumes_to_folder(
                 print(f"  {req.file_name} (seed {seed})", flush=True)
         pending = retry + pending
     return summary
+
+
+def regenerate_volume_line(pipe: VolumePipeline, line: dict[str, Any]) -> Volume:
+    """Re-make the volume of one ``metadata.jsonl`` line with its own ``text``, ``seed``, ``steps``,
+    ``guidance_scale``, ``sampler`` and ``negative_prompt``: the same volume as the original run on the
+    same model (it depends on the seed alone; batching changes only the last float bits, so a stored
+    integer voxel may differ by one unit where the value sat on a rounding boundary).
+
+    Returns:
+        The :class:`~generator.volumes.records.Volume` (physical units, the model's affine), named
+        ``line["file_name"]``.
+
+    Raises:
+        ValueError: the line lacks ``text``, ``seed``, ``steps`` or ``guidance_scale``, or holds a value
+            out of range (named).
+    """
+    from generator.models.samplers import check_sampling_settings
+
+    if not isinstance(line, dict):
+        raise ValueError(f"a manifest line must be a JSON object, got {type(line).__name__}")
+    missing = [k for k in ("text", "seed", "steps", "guidance_scale") if k not in line]
+    if missing:
+        raise ValueError(f"manifest line lacks {missing}: {json.dumps(line)[:200]}")
+    steps, guidance = check_sampling_settings(line["steps"], line["guidance_scale"], source="manifest line")
+    text, seed, negative = line["text"], line["seed"], line.get("negative_prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"manifest line: text must be a non-empty string, got {text!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"manifest line: seed must be a non-negative integer, got {seed!r}")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
+    out = pipe([text], seeds=[seed], num_inference_steps=steps, guidance_scale=guidance,
+               sampler=str(line.get("sampler", "ddim")), negative_prompt=None if negative is None else [negative])
+    return out.volume(0, text=text, file_name=str(line.get("file_name", "regenerated.nii.gz")))

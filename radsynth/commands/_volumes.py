@@ -128,6 +128,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags added by train.py
     for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
                             ("--label-text", "label_text", bool),
+                            ("--no-attribute-conditioning", "no_attribute_conditioning", bool),
                             ("--reports-csv", "reports_csv", lambda v: v is not None),
                             ("--gradient-accumulation-steps", "gradient_accumulation_steps", lambda v: v not in (None, 1)),
                             ("--mixed-precision", "mixed_precision", lambda v: v in ("fp16", "bf16"))):
@@ -279,10 +280,12 @@ def volume_privacy_gate(index_dir: str | Path, info: dict[str, Any]) -> Callable
 
 
 def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
-                    prompt_rows: Callable[[argparse.Namespace], list]) -> int:
+                    prompt_rows: Callable[[argparse.Namespace], list],
+                    manifest_line: Callable[[argparse.Namespace, str], tuple[dict, Path]] | None = None) -> int:
     """``radsynth generate`` with a volume model: one NIfTI (+ sidecar) per volume, a preview PNG, a
     ``metadata.jsonl`` line; with ``--format dicom`` also a DICOM series; resumable; privacy-gated with a
-    volume ``--privacy-index``.
+    volume ``--privacy-index``. ``--from-manifest LINE`` (parsed by ``manifest_line``) re-makes the one
+    volume of a manifest line (same voxels) into ``--output``, with its DICOM series under ``--format dicom``.
 
     Raises:
         ValueError: a flag volumes do not support (named) or a bad value.
@@ -298,9 +301,10 @@ def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
     from diffusers import DDPMScheduler
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    for flag, name in (("--from-manifest", "from_manifest"), ("--grid", "grid")):
-        if get(name) is not None:
-            raise ValueError(f"{flag} is not supported for volume models yet")
+    if get("grid") is not None:
+        raise ValueError("--grid is not supported for volume models yet (each volume has its own preview)")
+    if get("from_manifest") is not None and manifest_line is None:
+        raise ValueError("--from-manifest needs the generate verb's line reader")
     if get("precision") in ("bf16", "fp16"):
         raise ValueError(f"--precision {get('precision')} is not supported for volume models (they sample in float32)")
     check_number("--steps", get("steps"), low=1, high=1000)
@@ -313,10 +317,29 @@ def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
         make_sampler(args.sampler, DDPMScheduler())
     except ValueError as exc:
         raise ValueError(f"--sampler {args.sampler!r}: {exc}") from None
-    rows = prompt_rows(args)
+    if get("from_manifest") is not None:
+        line, target = manifest_line(args, "regenerated.nii.gz")  # type: ignore[misc]
+        if not target.name.endswith((".nii.gz", ".nii")):
+            raise ValueError(f"--from-manifest: file_name of a volume must end in .nii.gz or .nii, got {target.name!r}")
+    else:
+        rows = prompt_rows(args)
     info = read_volume_info(model_path)
     device = get("device") or "cpu"
     pipe = VolumePipeline.from_pretrained(model_path, text_encoder=get("text_encoder"), device=device)
+    if get("from_manifest") is not None:
+        from generator.volumes.generation import regenerate_volume_line
+
+        if line.get("model") and line["model"] != info.get("model_hash"):
+            print(f"warning: the line was made by model {line['model']}, this is {info.get('model_hash')}",
+                  file=sys.stderr)
+        vol = regenerate_volume_line(pipe, {**line, "file_name": target.name})  # validates before writing
+        output = Path(get("output"))
+        output.mkdir(parents=True, exist_ok=True)
+        writer = volume_writer(output, info, formats, modality=modality,
+                               images_per_study=int(get("images_per_study", 1)))
+        writer(vol, {**line, "file_name": target.name})
+        print(f"regenerated {target} (sampler {line.get('sampler', 'ddim')}, seed {line['seed']})")
+        return 0
     requests = make_volume_requests(rows, int(get("seed", 0)))
     gate = volume_privacy_gate(args.privacy_index, info) if get("privacy_index") else None
     output = Path(get("output"))

@@ -72,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modality", default=None, help="DICOM modality override (DX, CT, MR)")
     p.add_argument("--images-per-study", type=int_in(1, 100_000), default=1, help="DICOM: images per synthetic patient")
     p.add_argument("--from-manifest", default=None, metavar="LINE",
-                   help="regenerate the image of one metadata.jsonl line (JSON text)")
+                   help="regenerate the image (or, on a volume model, the volume) of one metadata.jsonl line (JSON text)")
     p.add_argument("--text-encoder", default=None, metavar="PATH_OR_ID",
                    help="text encoder to use instead of the model folder's own (its width must fit the UNet)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="cuda | mps | cpu (default: best available)")
@@ -98,6 +98,29 @@ def _prompt_rows(args: argparse.Namespace) -> list[tuple[str, dict[str, Any] | N
     return [(t, None, args.num_images) for t in args.prompt]
 
 
+def _manifest_line(args: argparse.Namespace, default_name: str) -> tuple[dict, Path]:
+    """The ``--from-manifest`` line as a dict and the file it regenerates (``--output`` / its file name).
+
+    Raises:
+        ValueError: not one JSON object, or a ``file_name`` that is not a plain file name.
+        FileExistsError: the target exists and ``--overwrite`` is not given.
+    """
+    try:
+        line = json.loads(args.from_manifest)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--from-manifest must be one JSON line of metadata.jsonl ({exc.msg})") from None
+    if not isinstance(line, dict):
+        raise ValueError(f"--from-manifest must be a JSON object (one metadata.jsonl line), "
+                         f"got a {type(line).__name__}")
+    name = line.get("file_name", default_name)
+    if not isinstance(name, str) or not name.strip() or Path(name).name in ("", ".", ".."):
+        raise ValueError(f"--from-manifest: file_name must be a file name, got {name!r}")
+    target = Path(args.output) / Path(name).name
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    return line, target
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``radsynth generate``.
 
@@ -109,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     from radsynth.commands._volumes import is_volume_model, run_generate_3d
 
     if is_volume_model(_resolve(args.model)):
-        return run_generate_3d(args, _resolve(args.model), _prompt_rows)
+        return run_generate_3d(args, _resolve(args.model), _prompt_rows, _manifest_line)
 
     from accelerate import PartialState
 
@@ -146,19 +169,7 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
 
     if args.from_manifest:
-        try:
-            line = json.loads(args.from_manifest)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--from-manifest must be one JSON line of metadata.jsonl ({exc.msg})") from None
-        if not isinstance(line, dict):
-            raise ValueError(f"--from-manifest must be a JSON object (one metadata.jsonl line), "
-                             f"got a {type(line).__name__}")
-        name = line.get("file_name", "regenerated.png")
-        if not isinstance(name, str) or not name.strip() or Path(name).name in ("", ".", ".."):
-            raise ValueError(f"--from-manifest: file_name must be a file name, got {name!r}")
-        target = output / Path(name).name
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+        line, target = _manifest_line(args, "regenerated.png")
         if line.get("model") and line["model"] != info.model_hash:
             print(f"warning: the line was made by model {line['model']}, this is {info.model_hash}",
                   file=sys.stderr)
