@@ -429,21 +429,24 @@ def run_audit_3d(args: argparse.Namespace) -> int:
     """``radsynth audit`` with a volume index: verdicts for every volume of ``--synthetic`` (resampled to
     the index grid), added to its ``metadata.jsonl``; summary printed and, with ``--json``, written.
 
+    With ``--html`` a review page shows each flagged volume (axial, coronal and sagittal mid-slices)
+    beside its nearest training volumes.
+
     Raises:
-        ValueError: ``--html`` (not available for volumes yet), an empty or unusable folder.
+        ValueError: an empty or unusable folder.
     """
     from generator.manifest import update_fields
-    from privacy.report import write_json
+    from generator.volumes.previews import preview_image
+    from privacy.report import write_html, write_json
     from privacy.volumes import VolumeIndex, audit_volumes
 
-    if getattr(args, "html", None):
-        raise ValueError("--html is not available for volume audits yet; use --json")
     index = VolumeIndex.load(args.index)
     folder = Path(args.synthetic)
     data = _load_volume_stack(folder, "--synthetic", spacing=index.spacing, shape=index.shape,
                               ct_window=_intensity_window(dict(index.intensity)))
     names = [r.file_name for r in data.records]
-    result = audit_volumes(index, data.stack(), names, alpha=getattr(args, "alpha", None),
+    stack = data.stack()
+    result = audit_volumes(index, stack, names, alpha=getattr(args, "alpha", None),
                            self_test=not getattr(args, "no_self_test", False))
     s = result.summary
     n_updated = 0
@@ -451,6 +454,14 @@ def run_audit_3d(args: argparse.Namespace) -> int:
         n_updated = update_fields(folder, {v.file_name: v.manifest_fields() for v in result.images})
     if getattr(args, "json", None):
         write_json(result, args.json)
+    if getattr(args, "html", None):
+        import numpy as np
+
+        def picture(volume: np.ndarray) -> np.ndarray:  # model range [0, 1] -> the three mid-slices
+            return preview_image(volume, index.spacing, height=64).astype(np.float32) / 255.0
+
+        write_html(result, None, [picture(v) for v in stack], args.html, reference_ids=index.ids,
+                   reference_image=lambda i: picture(index.volumes[i]), title="RadSynth memorization audit (volumes)")
     c = s["counts"]
     print(f"audited {s['n_images']} volumes against {s['n_references']} training volumes of {tuple(s['shape'])}")
     print(f"  keep {c['keep']}, review {c['review']}, reject {c['reject']} (copy rate {s['copy_rate']:.4f}; "
@@ -462,7 +473,8 @@ def run_audit_3d(args: argparse.Namespace) -> int:
         print("  planted-copy self-test (share rejected): " + ", ".join(f"{k} {v:.2f}" for k, v in s["self_test"].items()))
     if (folder / "metadata.jsonl").is_file():
         print(f"  verdict fields added to {n_updated} lines of {folder / 'metadata.jsonl'}")
-    if getattr(args, "json", None):
-        print(f"  wrote {args.json}")
+    for path in (getattr(args, "json", None), getattr(args, "html", None)):
+        if path:
+            print(f"  wrote {path}")
     print(s["statement"])
     return 0

@@ -270,8 +270,8 @@ def test_index_and_audit_on_volumes(work, phantoms, capsys):
 
     suspects = work / "suspects"
     expect = _write_suspects(suspects, phantoms)
-    report = work / "audit.json"
-    assert _audit(["--index", str(idx), "--synthetic", str(suspects), "--json", str(report)]) == 0
+    report, page = work / "audit.json", work / "audit.html"
+    assert _audit(["--index", str(idx), "--synthetic", str(suspects), "--json", str(report), "--html", str(page)]) == 0
     verdicts = {ln["file_name"]: ln["privacy_verdict"] for ln in _lines(suspects)}
     assert set(verdicts) == set(expect)
     for name, want in expect.items():
@@ -281,6 +281,14 @@ def test_index_and_audit_on_volumes(work, phantoms, capsys):
     copied = {im["file_name"]: im["neighbours"]["ncc"][0]["id"] for im in result["images"]}
     assert copied["copy.nii.gz"] == copied["flipped.nii.gz"] == "phantom_0000.nii.gz"
     assert copied["shifted.nii.gz"] == "phantom_0003.nii.gz"
+    # the review page: each flagged volume (three mid-slices) beside its nearest training volumes
+    text = page.read_text()
+    assert "Flagged images (3)" in text and "volumes" in text
+    for name in ("copy.nii.gz", "flipped.nii.gz", "shifted.nii.gz"):
+        assert f"<b>{name}</b>" in text
+    assert "train phantom_0000.nii.gz" in text and "train phantom_0003.nii.gz" in text
+    assert "<b>holdout.nii.gz</b>" not in text
+    assert text.count("data:image/png;base64,") >= 6
 
 
 def test_generate_with_volume_privacy_gate(work, model, phantoms):
