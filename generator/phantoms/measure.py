@@ -652,14 +652,20 @@ def text_control_summary(lines: Sequence[Mapping[str, Any]], images: Sequence[np
         images: The images, ``(H, W)`` float in ``[0, 1]``, in the order of ``lines``.
 
     Returns:
-        ``{text: {"n": images, "shown": images where every requested finding was measured}}``.
+        ``{text: {"n": images, "shown": images where every requested finding was measured,
+        "swapped": images where a finding asked on one side was measured on the other side only}}``
+        (``swapped`` only for prompts whose findings name a side or lobe; see :func:`side_swapped`).
     """
     if len(lines) != len(images):
         raise ValueError(f"lines and images must pair up, got {len(lines)} lines and {len(images)} images")
     out: dict[str, dict[str, int]] = {}
     for ln, img in zip(lines, images):
-        ok = matches_prompt(measure(img), ln.get("attributes") or {})
+        m, attributes = measure(img), ln.get("attributes") or {}
+        ok = matches_prompt(m, attributes)
         rec = out.setdefault(str(ln["text"]), {"n": 0, "shown": 0})
         rec["n"] += 1
         rec["shown"] += int(bool(ok) and all(ok.values()))
+        swapped = side_swapped(m, attributes)
+        if swapped is not None:
+            rec["swapped"] = rec.get("swapped", 0) + int(swapped)
     return out

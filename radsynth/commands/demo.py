@@ -219,5 +219,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(ref.ids)} training phantoms)")
     print(f"  privacy verdicts {s['counts']} (expected chance rejects at alpha {s['alpha']}: "
           f"{s['expected_chance_flags']['reject']}); resampled during generation: {summary.resampled}")
-    print("  text control     " + ", ".join(f"{k}: {v['shown']}/{v['n']}" for k, v in control.items()))
+    print("  text control     " + ", ".join(
+        f"{k}: {v['shown']}/{v['n']}" + (f" ({v['swapped']} on the other side)" if v.get("swapped") else "")
+        for k, v in control.items()))
     return 0

@@ -32,10 +32,10 @@ def test_matching_prompts_are_counted_and_swapped_sides_are_not():
              + [{"text": "asked right, drew left", "attributes": RIGHT}] * 3
              + [{"text": "asked left, drew normal", "attributes": LEFT}] * 3)
     summary = text_control_summary(lines, left + normal + left + normal)
-    assert summary["left"] == {"n": 3, "shown": 3}
-    assert summary["normal"] == {"n": 3, "shown": 3}
-    assert summary["asked right, drew left"]["shown"] == 0
-    assert summary["asked left, drew normal"]["shown"] == 0
+    assert summary["left"] == {"n": 3, "shown": 3, "swapped": 0}
+    assert summary["normal"] == {"n": 3, "shown": 3}  # no side asked: no swap count
+    assert summary["asked right, drew left"] == {"n": 3, "shown": 0, "swapped": 3}
+    assert summary["asked left, drew normal"] == {"n": 3, "shown": 0, "swapped": 0}  # a miss, not a swap
 
 
 def test_lengths_must_match():
