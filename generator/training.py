@@ -51,8 +51,8 @@ saved).
 from __future__ import annotations
 
 import csv
-import json
 import hashlib
+import json
 import math
 import os
 import platform
