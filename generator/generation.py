@@ -31,6 +31,7 @@ from generator.models.samplers import (  # noqa: F401  (the limits and their che
     DEFAULT_SAMPLER,
     MAX_GUIDANCE,
     MAX_STEPS,
+    check_manifest_line,
     check_sampling_settings,
     make_sampler,
 )
@@ -280,19 +281,7 @@ def regenerate_line(pipe: RadSynthPipeline, line: dict[str, Any]) -> np.ndarray:
         ValueError: the line is not a JSON object, lacks ``text``, ``seed``, ``steps`` or
             ``guidance_scale``, or holds a value out of range (an unknown sampler, a NaN guidance).
     """
-    if not isinstance(line, dict):
-        raise ValueError(f"a manifest line must be a JSON object, got {type(line).__name__}")
-    missing = [k for k in ("text", "seed", "steps", "guidance_scale") if k not in line]
-    if missing:
-        raise ValueError(f"manifest line lacks {missing}: {json.dumps(line)[:200]}")
-    steps, guidance = check_sampling_settings(line["steps"], line["guidance_scale"], source="manifest line")
-    text, seed, negative = line["text"], line["seed"], line.get("negative_prompt")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"manifest line: text must be a non-empty string, got {text!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"manifest line: seed must be a non-negative integer, got {seed!r}")
-    if negative is not None and not isinstance(negative, str):
-        raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
+    text, seed, negative, steps, guidance = check_manifest_line(line)
     precision = line.get("precision", "fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"manifest line: precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")

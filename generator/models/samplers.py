@@ -40,6 +40,7 @@ __all__ = [
     "SAMPLER_OPTIONS",
     "SCHEDULE_KEYS",
     "Sampler",
+    "check_manifest_line",
     "check_sampling_settings",
     "make_sampler",
     "sampler_name",
@@ -119,6 +120,34 @@ def check_sampling_settings(steps: Any, guidance_scale: Any, *, source: str = ""
         raise ValueError(f"guidance_scale must be a finite number in [0, {MAX_GUIDANCE:g}], "
                          f"got {guidance_scale!r}{where}")
     return int(steps), float(guidance_scale)
+
+
+def check_manifest_line(line: Any) -> tuple[str, int, str | None, int, float]:
+    """The sampling fields of one ``metadata.jsonl`` line, validated (for ``--from-manifest``).
+
+    Returns:
+        ``(text, seed, negative_prompt, steps, guidance_scale)``.
+
+    Raises:
+        ValueError: ``line`` is not a dict, lacks ``text``, ``seed``, ``steps`` or ``guidance_scale``, or
+            holds a value out of range (named: an empty text, a negative seed, a NaN guidance, ...).
+    """
+    import json
+
+    if not isinstance(line, dict):
+        raise ValueError(f"a manifest line must be a JSON object, got {type(line).__name__}")
+    missing = [k for k in ("text", "seed", "steps", "guidance_scale") if k not in line]
+    if missing:
+        raise ValueError(f"manifest line lacks {missing}: {json.dumps(line)[:200]}")
+    steps, guidance = check_sampling_settings(line["steps"], line["guidance_scale"], source="manifest line")
+    text, seed, negative = line["text"], line["seed"], line.get("negative_prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"manifest line: text must be a non-empty string, got {text!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"manifest line: seed must be a non-negative integer, got {seed!r}")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
+    return text, seed, negative, steps, guidance
 
 
 #: Keys taken from the model's scheduler: its training noise schedule, nothing about sampling.

@@ -242,21 +242,9 @@ def regenerate_volume_line(pipe: VolumePipeline, line: dict[str, Any]) -> Volume
         ValueError: the line lacks ``text``, ``seed``, ``steps`` or ``guidance_scale``, or holds a value
             out of range (named).
     """
-    from generator.models.samplers import check_sampling_settings
+    from generator.models.samplers import check_manifest_line
 
-    if not isinstance(line, dict):
-        raise ValueError(f"a manifest line must be a JSON object, got {type(line).__name__}")
-    missing = [k for k in ("text", "seed", "steps", "guidance_scale") if k not in line]
-    if missing:
-        raise ValueError(f"manifest line lacks {missing}: {json.dumps(line)[:200]}")
-    steps, guidance = check_sampling_settings(line["steps"], line["guidance_scale"], source="manifest line")
-    text, seed, negative = line["text"], line["seed"], line.get("negative_prompt")
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"manifest line: text must be a non-empty string, got {text!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"manifest line: seed must be a non-negative integer, got {seed!r}")
-    if negative is not None and not isinstance(negative, str):
-        raise ValueError(f"manifest line: negative_prompt must be a string or null, got {negative!r}")
+    text, seed, negative, steps, guidance = check_manifest_line(line)
     out = pipe([text], seeds=[seed], num_inference_steps=steps, guidance_scale=guidance,
                sampler=str(line.get("sampler", "ddim")), negative_prompt=None if negative is None else [negative])
     return out.volume(0, text=text, file_name=str(line.get("file_name", "regenerated.nii.gz")))
