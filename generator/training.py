@@ -119,6 +119,8 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
+#: How many times a time-budgeted stage fits its schedule to the remaining time (see :class:`_Plan`).
+_SCHEDULE_FITS = 3
 _RUN_JSON = "run.json"
 #: Sub-folder of the workspace that holds a prepared copy of a raw source (``--stream-from-disk``).
 PREPARED_DIR = "prepared"
@@ -187,10 +189,16 @@ class TrainResult:
 
 @dataclass
 class _Plan:
-    """Step budget of one stage (total may shrink once the speed is known under a time budget)."""
+    """Step budget of one stage. Under a time budget ``total`` is fitted to the deadline from the speed
+    measured so far: after 20 steps of this run, then half-way to the fitted end, then half-way again
+    (``fits`` so far; the next at step ``next_fit``, measured from ``fit_step`` at ``fit_time``)."""
 
     total: int
     deadline: float | None  # time.monotonic() value, or None
+    fits: int = 0
+    next_fit: int = -1
+    fit_step: int = -1
+    fit_time: float = 0.0
 
 
 def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
@@ -1130,15 +1138,26 @@ class Trainer:
         acc = self.accelerator
         elapsed = time.monotonic() - t0
         rate = (step - s0) / max(elapsed, 1e-9)
-        # Under a time budget, fit the cosine schedule to the steps the clock allows (once).
-        if plan.deadline is not None and step - s0 == 20 and self.max_steps is None:
-            remaining = max(0.0, plan.deadline - time.monotonic())
-            total = [step + max(1, int(remaining * rate * 0.97))]
+        # Under a time budget, fit the cosine schedule to the steps the clock allows: after 20 steps, then
+        # twice more half-way to the fitted end, each time from the speed since the previous fit, so that
+        # a slow start (another job holding the cores while the run warmed up) does not end the run long
+        # before its deadline (the learning rate moves a little at each fit).
+        if plan.fits == 0:
+            plan.next_fit, plan.fit_step, plan.fit_time = s0 + 20, s0, t0
+        if (plan.deadline is not None and self.max_steps is None and plan.fits < _SCHEDULE_FITS
+                and step == plan.next_fit):
+            now = time.monotonic()
+            recent = (step - plan.fit_step) / max(now - plan.fit_time, 1e-9)
+            remaining = max(0.0, plan.deadline - now)
+            total = [step + max(1, int(remaining * recent * 0.97))]
             if acc.num_processes > 1:  # the main process's estimate for all (same schedule everywhere)
                 from accelerate.utils import broadcast_object_list
 
                 broadcast_object_list(total, from_process=0)
             plan.total = int(total[0])
+            plan.fits += 1
+            plan.fit_step, plan.fit_time = step, now
+            plan.next_fit = step + max(5, (plan.total - step) // 2)
             if self.log.bar is not None:
                 self.log.bar.total = plan.total
         self.log.step(1, loss=f"{losses[-1]:.4f}")
