@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
                    help="fine-tune this model folder's UNet (VAE frozen) instead of training from scratch; "
                         "must differ from --output")
-    p.add_argument("--no-attribute-conditioning", action="store_true",
-                   help="text-encoder states only (the ablation of issue 12's attribute vectors)")
+    p.add_argument("--attribute-conditioning", action="store_true",
+                   help="also condition on the attributes read back from each prompt (issue 12's ablation)")
     p.add_argument("--embedder-only", action="store_true",
                    help=f"only (re)write {DEMO_EMBEDDER_FILE} of an existing model folder")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():
             shutil.rmtree(out)
         result = Trainer(
-            data, out, get_preset("small", attribute_conditioning=not args.no_attribute_conditioning), resolution=DEMO_TRAINING["size"], seed=args.seed,
+            data, out, get_preset("small", attribute_conditioning=args.attribute_conditioning), resolution=DEMO_TRAINING["size"], seed=args.seed,
             max_minutes=args.minutes, max_steps=args.max_steps, mixed_precision=args.mixed_precision,
             link_packaged_text_encoder=True, save_dtype=torch.float16, init_from=args.init_from,
         ).run()

@@ -127,18 +127,27 @@ def absolute_paths(value: Any, where: str = "") -> list[str]:
 
 
 def _drop_saved_paths(folder: Path) -> None:
-    """Remove ``_name_or_path``-style keys holding absolute paths from the JSON files that libraries
-    wrote into ``folder`` (they name the folder a component was loaded from on this machine)."""
+    """Remove ``_name_or_path``-style keys holding a local path (absolute, or relative like
+    ``generator/demo_model/unet`` after ``--init-from``) from the JSON files that libraries wrote into
+    ``folder``: they name the folder a component was loaded from on the training machine."""
     for f in sorted(folder.rglob("*.json")):
         try:
             data = json.loads(f.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and any(k in data and absolute_paths(data[k]) for k in _PATH_KEYS):
-            for k in _PATH_KEYS:
-                if k in data and absolute_paths(data[k]):
-                    del data[k]
+        if not isinstance(data, dict):
+            continue
+        local = [k for k in _PATH_KEYS if k in data and (absolute_paths(data[k]) or _relative_path(data[k]))]
+        if local:
+            for k in local:
+                del data[k]
             f.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _relative_path(value: Any) -> bool:
+    """Whether ``value`` is a string naming a relative local path (it has a separator and is no hub id
+    ``owner/name``, which has exactly one)."""
+    return isinstance(value, str) and ("\\" in value or value.count("/") >= 2 or value.startswith("."))
 
 
 def save_model_folder(

@@ -128,7 +128,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags added by train.py
     for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
                             ("--label-text", "label_text", bool),
-                            ("--no-attribute-conditioning", "no_attribute_conditioning", bool),
+                            ("--attribute-conditioning", "attribute_conditioning", bool),
                             ("--reports-csv", "reports_csv", lambda v: v is not None),
                             ("--gradient-accumulation-steps", "gradient_accumulation_steps", lambda v: v not in (None, 1)),
                             ("--mixed-precision", "mixed_precision", lambda v: v in ("fp16", "bf16"))):

@@ -79,9 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUTPUT/checkpoints at the end")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None)
-    p.add_argument("--no-attribute-conditioning", action="store_true",
-                   help="condition on the text encoder's states only, not also on the finding/side/size "
-                        "attributes read back from each prompt (conditioning.attributes; an ablation)")
+    p.add_argument("--attribute-conditioning", action="store_true",
+                   help="also condition on the finding/side/lobe/size attributes read back from each prompt "
+                        "(conditioning.attributes); off by default, see the README's ablation")
     p.add_argument("--label-text", action="append", default=[], metavar="LABEL=TEXT",
                    help=".npz input: prompt text of a label (repeat per label)")
     p.add_argument("--npz-split", default="train", help=".npz input: split to read (default train)")
@@ -164,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["checkpoint_every"] = args.checkpoint_every
     if args.prediction_type is not None:
         overrides["prediction_type"] = args.prediction_type
-    if args.no_attribute_conditioning:
-        overrides["attribute_conditioning"] = False
+    if args.attribute_conditioning:
+        overrides["attribute_conditioning"] = True
     if args.learning_rate is not None:
         overrides["unet_lr"] = args.learning_rate
     try:

@@ -195,16 +195,3 @@ def test_model_folder_files_get_the_umask_mode(tiny_model):
     assert any(k.endswith(".safetensors") for k in modes)
     assert all(m == 0o666 & ~mask for m in modes.values()), modes
 
-
-def test_unknown_attribute_layout_is_refused(tmp_path, tiny_model):
-    import json
-    import shutil
-
-    from generator.models.model_folder import load_pipeline
-
-    copy = tmp_path / "m"
-    shutil.copytree(tiny_model, copy)
-    info = json.loads((copy / "radsynth.json").read_text())
-    (copy / "radsynth.json").write_text(json.dumps({**info, "attributes": "radsynth-attributes-99"}))
-    with pytest.raises(ValueError, match="radsynth-attributes-99"):
-        load_pipeline(copy, device="cpu")

@@ -317,16 +317,30 @@ def test_vae_decode_option_errors(pipe, kwargs, msg):
     assert steps == []  # refused before sampling
 
 
-def test_attribute_vectors_reach_the_unet(pipe, tiny_model):
+@pytest.fixture(scope="module")
+def attr_model(tmp_path_factory, square_data, tiny_text_encoder):
+    """A tiny model trained with ``radsynth train --attribute-conditioning``."""
+    from radsynth.cli import main
+
+    out = tmp_path_factory.mktemp("attr") / "m"
+    assert main(["train", "--data", str(square_data), "--output", str(out), "--resolution", "16", "--preset", "tiny",
+                 "--text-encoder", str(tiny_text_encoder), "--max-steps", "3", "--mixed-precision", "no",
+                 "--attribute-conditioning", "--quiet"]) == 0
+    return out
+
+
+def test_attribute_vectors_reach_the_unet(attr_model, tiny_model):
     """A model trained with attribute_conditioning gets, with each prompt, the attribute vector read
-    back from its text (null prompt: zeros), in the order of the guidance batch."""
+    back from its text (null prompt: zeros), in the order of the guidance batch; one without does not."""
     import json
 
     from conditioning.attributes import ATTRIBUTE_SCHEMA, prompt_vectors
     from generator.models.build import takes_attributes
 
-    assert takes_attributes(pipe.unet)
-    assert json.loads((tiny_model / "radsynth.json").read_text())["attributes"] == ATTRIBUTE_SCHEMA
+    pipe, _ = load_pipeline(attr_model, device="cpu")
+    assert takes_attributes(pipe.unet) and not takes_attributes(load_pipeline(tiny_model, device="cpu")[0].unet)
+    assert json.loads((attr_model / "radsynth.json").read_text())["attributes"] == ATTRIBUTE_SCHEMA
+    assert json.loads((tiny_model / "radsynth.json").read_text())["attributes"] is None
     seen = []
     hook = pipe.unet.register_forward_pre_hook(
         lambda mod, args, kwargs: seen.append(kwargs["class_labels"].clone()), with_kwargs=True)
@@ -339,3 +353,15 @@ def test_attribute_vectors_reach_the_unet(pipe, tiny_model):
     want = torch.from_numpy(prompt_vectors(["", ""] + prompts))
     assert len(seen) == 3 and torch.equal(seen[0].float(), want) and torch.equal(seen[1].float(), want)
     assert torch.equal(seen[2].float(), want[2:3])  # no guidance: the prompt's vector only
+
+
+def test_unknown_attribute_layout_is_refused(tmp_path, attr_model):
+    import json
+    import shutil
+
+    copy = tmp_path / "m"
+    shutil.copytree(attr_model, copy)
+    info = json.loads((copy / "radsynth.json").read_text())
+    (copy / "radsynth.json").write_text(json.dumps({**info, "attributes": "radsynth-attributes-99"}))
+    with pytest.raises(ValueError, match="radsynth-attributes-99"):
+        load_pipeline(copy, device="cpu")

@@ -18,7 +18,7 @@ UNCHANGED = {
              "vae_ssim_weight": 0.0, "vae_lr": 0.001, "vae_batch_size": 8, "unet_channels": (16, 32),
              "unet_attention": (False, True), "unet_layers_per_block": 1, "unet_heads": 2, "unet_lr": 0.0005,
              "unet_batch_size": 8, "warmup_steps": 2, "norm_groups": 4, "prediction_type": "epsilon",
-             "min_snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999, "text_augment": True, "attribute_conditioning": True,
+             "min_snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999, "text_augment": True, "attribute_conditioning": False,
              "vae_share": 0.25, "vae_steps": 20, "unet_steps": 20, "checkpoint_every": 10},
     "small": {"preset": "small", "latent_size": 16, "latent_channels": 4, "vae_channels": (16, 32, 64),
               "vae_layers_per_block": 1, "vae_mid_block_attention": False, "vae_kl_weight": 1e-06,
@@ -26,7 +26,7 @@ UNCHANGED = {
               "unet_attention": (False, True, True), "unet_layers_per_block": 1, "unet_heads": 8,
               "unet_lr": 0.0005, "unet_batch_size": 32, "warmup_steps": 100, "norm_groups": 16,
               "prediction_type": "epsilon", "min_snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999,
-              "text_augment": True, "attribute_conditioning": True, "vae_share": 0.25, "vae_steps": 1500, "unet_steps": 6000,
+              "text_augment": True, "attribute_conditioning": False, "vae_share": 0.25, "vae_steps": 1500, "unet_steps": 6000,
               "checkpoint_every": 500},
     "base": {"preset": "base", "latent_size": 32, "latent_channels": 4, "vae_channels": (64, 128, 256, 256),
              "vae_layers_per_block": 2, "vae_mid_block_attention": True, "vae_kl_weight": 1e-06,
@@ -34,7 +34,7 @@ UNCHANGED = {
              "unet_attention": (False, True, True, True), "unet_layers_per_block": 2, "unet_heads": 8,
              "unet_lr": 0.0001, "unet_batch_size": 32, "warmup_steps": 500, "norm_groups": 32,
              "prediction_type": "epsilon", "min_snr_gamma": 5.0, "prompt_dropout": 0.1, "ema_decay": 0.999,
-             "text_augment": True, "attribute_conditioning": True, "vae_share": 0.25, "vae_steps": 20000, "unet_steps": 100000,
+             "text_augment": True, "attribute_conditioning": False, "vae_share": 0.25, "vae_steps": 20000, "unet_steps": 100000,
              "checkpoint_every": 2000},
 }
 
