@@ -1,13 +1,15 @@
 """Structured attributes read back from prompt text, and their fixed-length vector (issue 12).
 
 A free-text encoder (MiniLM) hears "left" and "right" as near-synonyms: its states for "left pleural
-effusion" and "right pleural effusion" differ little, and a small denoiser trained on them mixes the
-sides up. RadSynth therefore reads the finding, side, lobe and size back out of the prompt text
-(:func:`parse_prompt`, the inverse of :func:`conditioning.prompts.build_prompt` that also understands
-its paraphrases and a user's own wording) and gives the denoiser those attributes as a separate,
-unambiguous vector (:func:`attribute_vector`) beside the text states. The vector is a function of the
-text alone, so training and sampling compute it the same way, any prompt works (unknown words simply
-leave it empty), and the null prompt ``""`` maps to all zeros.
+effusion" and "right pleural effusion" differ little. With ``train --attribute-conditioning``
+(``TrainConfig.attribute_conditioning``) RadSynth reads the finding, side, lobe and size back out of the
+prompt text (:func:`parse_prompt`, the inverse of :func:`conditioning.prompts.build_prompt` that also
+understands its paraphrases and a user's own wording) and gives the denoiser those attributes as a
+separate, unambiguous vector (:func:`attribute_vector`) beside the text states. The vector is a function
+of the text alone, so training and sampling compute it the same way, any prompt works (unknown words
+simply leave it empty), and the null prompt ``""`` maps to all zeros. It is off by default: on the demo
+model, longer training with the text states alone already put every effusion and pneumothorax on the asked
+side, and the vectors added nothing (README, issue 12's ablation).
 
 Vector layout (:data:`ATTRIBUTE_DIM` = 65 float32 values, :data:`ATTRIBUTE_SCHEMA` names it):
 
