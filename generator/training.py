@@ -256,6 +256,37 @@ class _Sequential:
             yield tuple(range(i, min(i + self.chunk, self.n))), None
 
 
+class _NpyRows:
+    """Writes a C-order ``.npy`` file block after block of rows, in order, through plain file writes.
+
+    Not through a memory map: pages written through a map stay in the process's resident set until it is
+    unmapped, so writing a 2 GB prompt-state file that way made peak RSS grow with the number of texts.
+
+    Raises:
+        ValueError: a block out of order, of another row shape, or too few rows at :meth:`close`.
+    """
+
+    def __init__(self, path: Path, dtype: Any, shape: tuple[int, ...]) -> None:
+        self.path, self.dtype, self.shape, self.rows = Path(path), np.dtype(dtype), tuple(shape), 0
+        self._f = open(self.path, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._f, header)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        """Rows ``start .. start + len(block)``; ``start`` must be the number of rows written so far."""
+        if start != self.rows or tuple(block.shape[1:]) != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(f"{self.path.name}: block of shape {block.shape} at row {start} does not follow "
+                             f"{self.rows} rows of {self.shape}")
+        self._f.write(np.ascontiguousarray(block, dtype=self.dtype).tobytes())
+        self.rows += len(block)
+
+    def close(self) -> None:
+        """Flush and close; the file must hold all ``shape[0]`` rows."""
+        self._f.close()
+        if self.rows != self.shape[0]:
+            raise ValueError(f"{self.path.name}: {self.rows} of {self.shape[0]} rows written")
+
+
 class LatentCache:
     """The VAE posterior of every training image on disk: ``latents-mean.npy`` and ``latents-std.npy``,
     each ``(N, C, h, w)`` float32 (unscaled latents), in ``folder``.
@@ -858,13 +889,11 @@ class Trainer:
                 return encode_prompts(tokenizer, text_encoder, texts[i : i + 256]).to(torch.float16).cpu().numpy()
 
             first = encode(0)  # texts always holds the null prompt ""
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(texts), *first.shape[1:]))
-            arr[: len(first)] = first
+            out = _NpyRows(tmp, np.float16, (len(texts), *first.shape[1:]))
+            out.write(0, first)
             for i in range(256, len(texts), 256):
-                chunk = encode(i)
-                arr[i : i + len(chunk)] = chunk
-            arr.flush()
-            del arr
+                out.write(i, encode(i))
+            out.close()
             os.replace(tmp, path)
             atomic_write_text(meta_path, json.dumps(ident, indent=1) + "\n")
         self.accelerator.wait_for_everyone()
@@ -887,7 +916,7 @@ class Trainer:
         n = len(self.images)
         meta_path.unlink(missing_ok=True)
         tmp = {name: self.workspace / f".tmp-{name}" for name in (LatentCache.MEAN, LatentCache.STD)}
-        files: dict[str, np.ndarray] = {}
+        files: dict[str, _NpyRows] = {}
         count, mean_acc, m2 = 0, 0.0, 0.0  # Chan et al.'s merge of per-chunk (count, mean, M2), float64
         for got, images in self._loader(_Sequential(n, _LATENT_CHUNK), augment=False):
             x = torch.from_numpy(images * 2.0 - 1.0).unsqueeze(1).to(dev)
@@ -898,10 +927,10 @@ class Trainer:
             if not files:
                 shape = (n, *mean.shape[1:])
                 for name, path in tmp.items():
-                    files[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-            lo, hi = int(got[0]), int(got[-1]) + 1
-            files[LatentCache.MEAN][lo:hi] = mean
-            files[LatentCache.STD][lo:hi] = std
+                    files[name] = _NpyRows(path, np.float32, shape)
+            lo = int(got[0])  # the sequential loader yields the images in order
+            files[LatentCache.MEAN].write(lo, mean)
+            files[LatentCache.STD].write(lo, std)
             flat = mean.astype(np.float64).ravel()
             c_mean, c_m2 = float(flat.mean()), float(((flat - flat.mean()) ** 2).sum())
             total = count + flat.size
@@ -909,10 +938,9 @@ class Trainer:
             m2 += c_m2 + delta * delta * count * flat.size / total
             mean_acc += delta * flat.size / total
             count = total
-        shape = tuple(files[LatentCache.MEAN].shape)
-        for name, arr in files.items():
-            arr.flush()
-            del arr
+        shape = files[LatentCache.MEAN].shape
+        for writer in files.values():
+            writer.close()
         files.clear()
         for name, path in tmp.items():
             os.replace(path, self.workspace / name)

@@ -212,3 +212,23 @@ def test_cli_stream_from_disk_resumes_an_interrupted_preparation(phantoms: Path,
     assert info["data"]["read_from"] == "prepared" and info["data"]["fingerprint"] == mem["data"]["fingerprint"]
     # same images, same weights as in memory
     _assert_same_weights(in_memory_model, out)
+
+
+def test_npy_rows_writes_what_np_save_writes(tmp_path: Path) -> None:
+    """The latent cache and prompt states are written block by block through the file (not a memory map,
+    whose written pages count in the process's RSS): the file reads back as np.save's would."""
+    from generator.training import _NpyRows
+
+    arr = np.random.default_rng(0).standard_normal((10, 3, 4)).astype(np.float16)
+    w = _NpyRows(tmp_path / "a.npy", np.float16, arr.shape)
+    w.write(0, arr[:4])
+    w.write(4, arr[4:])
+    w.close()
+    back = np.load(tmp_path / "a.npy", mmap_mode="r", allow_pickle=False)
+    assert back.dtype == np.float16 and back.shape == arr.shape and np.array_equal(back, arr)
+    w = _NpyRows(tmp_path / "b.npy", np.float32, (5, 2))
+    with pytest.raises(ValueError, match="does not follow"):
+        w.write(1, np.zeros((2, 2)))  # out of order
+    w.write(0, np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="2 of 5 rows"):
+        w.close()
