@@ -285,7 +285,7 @@ def run_generate_3d(args: argparse.Namespace, model_path: str | Path,
     """``radsynth generate`` with a volume model: one NIfTI (+ sidecar) per volume, a preview PNG, a
     ``metadata.jsonl`` line; with ``--format dicom`` also a DICOM series; resumable; privacy-gated with a
     volume ``--privacy-index``. ``--from-manifest LINE`` (parsed by ``manifest_line``) re-makes the one
-    volume of a manifest line (same voxels) into ``--output``, with its DICOM series under ``--format dicom``.
+    volume of a manifest line (the same volume) into ``--output``, with its DICOM series under ``--format dicom``.
 
     Raises:
         ValueError: a flag volumes do not support (named) or a bad value.
