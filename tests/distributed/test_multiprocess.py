@@ -148,7 +148,8 @@ def test_two_node_training_writes_one_model_once_and_is_reproducible(work):
     # the checkpoints were written once each: the final VAE, the latest UNet step, run.json
     ckpts = run_a / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == [
-        "latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.npy", "unet-3", "vae-final"]
+        "latents-mean.npy", "latents-std.npy", "latents.json", "run.json", "text-embeds.json", "text-embeds.npy",
+        "unet-3", "vae-final"]
     state = json.loads((ckpts / "unet-3" / "state.json").read_text())
     assert state["step"] == 3 and state["num_processes"] == 2
     # the process count is recorded the same way everywhere
