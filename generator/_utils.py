@@ -110,10 +110,15 @@ def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
 
 def move_entries(staging: Path, output: Path) -> None:
     """Move every file and folder of ``staging`` into ``output``, replacing same-named ones (the last
-    step of writing a model folder: each entry appears whole, under its final name)."""
+    step of writing a model folder: each entry appears whole, under its final name). Every file first
+    gets the mode the umask gives (:func:`umask_file_mode`): safetensors writes weights private (0o600)."""
     import os
     import shutil
 
+    mode = umask_file_mode()
+    for f in staging.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
     for entry in sorted(staging.iterdir()):
         dest = output / entry.name
         if dest.is_dir():

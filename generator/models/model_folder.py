@@ -31,7 +31,7 @@ import torch
 
 from conditioning.attributes import ATTRIBUTE_SCHEMA
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
-from generator._utils import best_device, move_entries, umask_file_mode
+from generator._utils import best_device, move_entries
 from generator.models.build import takes_attributes
 from generator.models.pipeline import RadSynthPipeline
 
@@ -203,10 +203,6 @@ def save_model_folder(
         info = {**info, "model_hash": weights_hash(tmp)}
         (tmp / RADSYNTH_JSON).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(card)
-        mode = umask_file_mode()  # safetensors writes weights private (0o600); give them the umask's mode
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                os.chmod(f, mode)
         move_entries(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -320,3 +320,15 @@ def test_from_manifest_regenerates_the_same_volume(generated, model, tmp_path, c
     assert main(["generate", "--model", str(model), "--from-manifest", json.dumps(bad), "--output",
                  str(tmp_path / "bad")]) == 2
     assert "lacks ['seed']" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_volume_model_files_get_the_umask_mode(model):
+    """Weights are shareable like the other files (safetensors alone would write them 0o600)."""
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(model).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in model.rglob("*") if p.is_file()}
+    assert any(k.endswith(".safetensors") for k in modes)
+    assert all(m == 0o666 & ~mask for m in modes.values()), modes
