@@ -145,9 +145,9 @@ def _drop_saved_paths(folder: Path) -> None:
 
 
 def _relative_path(value: Any) -> bool:
-    """Whether ``value`` is a string naming a relative local path (it has a separator and is no hub id
-    ``owner/name``, which has exactly one)."""
-    return isinstance(value, str) and ("\\" in value or value.count("/") >= 2 or value.startswith("."))
+    """Whether ``value`` names a folder of this machine relative to the working directory (the process
+    that saves is the one that loaded from it; a hub id ``owner/name`` names no local folder)."""
+    return isinstance(value, str) and bool(value) and Path(value).exists()
 
 
 def save_model_folder(

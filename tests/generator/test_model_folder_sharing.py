@@ -195,3 +195,22 @@ def test_model_folder_files_get_the_umask_mode(tiny_model):
     assert any(k.endswith(".safetensors") for k in modes)
     assert all(m == 0o666 & ~mask for m in modes.values()), modes
 
+
+
+def test_saved_local_paths_are_dropped_relative_ones_too(tmp_path, monkeypatch):
+    """``_name_or_path`` naming a folder of the training machine goes (absolute, or relative as after
+    ``--init-from generator/demo_model``); a hub id stays."""
+    import json
+
+    from generator.models.model_folder import _drop_saved_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "src" / "unet").mkdir(parents=True)
+    folder = tmp_path / "out"
+    for part, value in (("unet", "src/unet"), ("vae", str(tmp_path / "src")), ("text_encoder", "owner/model")):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps({"_name_or_path": value, "x": 1}))
+    _drop_saved_paths(folder)
+    read = lambda part: json.loads((folder / part / "config.json").read_text())  # noqa: E731
+    assert read("unet") == {"x": 1} and read("vae") == {"x": 1}
+    assert read("text_encoder") == {"_name_or_path": "owner/model", "x": 1}
