@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -96,40 +96,29 @@ def view_table(verdict: ImageVerdict) -> str:
 
 def render_html(
     result: AuditResult,
-    index: ReferenceIndex | None,
+    index: ReferenceIndex,
     images: np.ndarray | Sequence[np.ndarray],
     max_flagged: int = 200,
     n_neighbours: int = 3,
     *,
-    reference_ids: Sequence[str] | None = None,
-    reference_image: Callable[[int], np.ndarray] | None = None,
     title: str = "RadSynth memorization audit",
 ) -> str:
     """The review page as a string.
 
     Args:
         result: The audit (2D or volumes: :class:`AuditResult` either way).
-        index: The 2D index audited against (its ids and training images); ``None`` when
-            ``reference_ids`` and ``reference_image`` are given instead.
+        index: The index audited against; only its ``ids`` and ``images[i]`` (an ``(H, W)`` picture in
+            ``[0, 1]`` of training item ``i``, read for the neighbours shown) are used, so any object with
+            those two serves (e.g. mid-slice pictures of a volume index's volumes).
         images: What to show for each audited item, in the order of ``result.images``: ``(Q, R, R)``
             images, or any ``(H, W)`` pictures in ``[0, 1]`` (e.g. a volume's three mid-slices).
         max_flagged: Most flagged images shown.
         n_neighbours: Training neighbours shown per flagged image (pixel view, then embedding).
-        reference_ids: Ids of the training items (default ``index.ids``).
-        reference_image: ``(H, W)`` picture in ``[0, 1]`` of training item ``i`` (default
-            ``index.images[i]``); called only for the neighbours shown.
         title: Page title.
-
-    Raises:
-        ValueError: neither ``index`` nor both ``reference_ids`` and ``reference_image``.
     """
-    if index is None and (reference_ids is None or reference_image is None):
-        raise ValueError("render_html needs the index, or reference_ids and reference_image")
-    ref_ids = list(index.ids if reference_ids is None else reference_ids)  # type: ignore[union-attr]
-    ref_image = reference_image or (lambda i: index.images[i])  # type: ignore[union-attr]
     s = result.summary
     e = html.escape
-    id_to_idx = {rid: i for i, rid in enumerate(ref_ids)}
+    id_to_idx = {rid: i for i, rid in enumerate(index.ids)}
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
         f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
@@ -179,7 +168,7 @@ def render_html(
                 if nb["id"] in shown or nb["id"] not in id_to_idx:
                     continue
                 shown.append(nb["id"])
-                img = ref_image(id_to_idx[nb["id"]])
+                img = index.images[id_to_idx[nb["id"]]]
                 parts.append(
                     f"<figure><img src='{png_data_uri(img)}' alt='training'><figcaption>train {e(nb['id'])}<br>"
                     f"{view} {nb['similarity']:.4f}</figcaption></figure>"
@@ -192,7 +181,7 @@ def render_html(
 
 
 def write_html(
-    result: AuditResult, index: ReferenceIndex | None, images: np.ndarray | Sequence[np.ndarray], path: str | Path,
+    result: AuditResult, index: ReferenceIndex, images: np.ndarray | Sequence[np.ndarray], path: str | Path,
     max_flagged: int = 200, **kwargs: Any,
 ) -> Path:
     """Write the review page (see :func:`render_html`, which takes ``kwargs``) to ``path`` atomically."""

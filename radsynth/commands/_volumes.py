@@ -460,8 +460,14 @@ def run_audit_3d(args: argparse.Namespace) -> int:
         def picture(volume: np.ndarray) -> np.ndarray:  # model range [0, 1] -> the three mid-slices
             return preview_image(volume, index.spacing, height=64).astype(np.float32) / 255.0
 
-        write_html(result, None, [picture(v) for v in stack], args.html, reference_ids=index.ids,
-                   reference_image=lambda i: picture(index.volumes[i]), title="RadSynth memorization audit (volumes)")
+        from types import SimpleNamespace
+
+        class _TrainingPictures:  # index.images[i] as the page reads it, made only for the neighbours shown
+            def __getitem__(self, i: int) -> np.ndarray:
+                return picture(index.volumes[i])
+
+        write_html(result, SimpleNamespace(ids=index.ids, images=_TrainingPictures()), [picture(v) for v in stack],
+                   args.html, title="RadSynth memorization audit (volumes)")
     c = s["counts"]
     print(f"audited {s['n_images']} volumes against {s['n_references']} training volumes of {tuple(s['shape'])}")
     print(f"  keep {c['keep']}, review {c['review']}, reject {c['reject']} (copy rate {s['copy_rate']:.4f}; "
