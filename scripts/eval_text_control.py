@@ -56,10 +56,10 @@ from generator.phantoms.measure import (  # noqa: E402
     THORAX_WIDTH_MM,
     Measurement,
     effusion_grade_mismatch,
-    matches_prompt,
     measure,
     nodule_diameter_mm,
     nodule_size_error_mm,
+    prompt_shown,
     side_swapped,
 )
 
@@ -118,11 +118,6 @@ def _people(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
 
 def _who(person: dict[str, Any]) -> str:
     return f"{person['age']} year old {'woman' if person['sex'] == 'F' else 'man'}"
-
-
-def _all_ok(m: Measurement, attrs: dict[str, Any]) -> bool:
-    ok = matches_prompt(m, attrs)
-    return bool(ok) and all(ok.values())
 
 
 def _mean(values: Sequence[float | bool | None]) -> float | None:
@@ -198,10 +193,10 @@ def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 100
             "prompt": name,
             "example_text": texts[0],
             "n": num_images,
-            "model": float(np.mean([_all_ok(m, a) for m, a in zip(ms, attrs)])),
-            "phantoms": float(np.mean([_all_ok(m, a) for m, a in zip(ph_ms, attrs)])),
+            "model": float(np.mean([prompt_shown(m, a) for m, a in zip(ms, attrs)])),
+            "phantoms": float(np.mean([prompt_shown(m, a) for m, a in zip(ph_ms, attrs)])),
             "normal_prompt_base_rate": (None if name == "normal" or not normal_ms
-                                        else float(np.mean([_all_ok(m, a) for m, a in zip(normal_ms, attrs)]))),
+                                        else float(np.mean([prompt_shown(m, a) for m, a in zip(normal_ms, attrs)]))),
             "side_swapped": _mean(swapped),
             "size_error_kind": kind,
             "size_error_samples": _mean(err_samples),

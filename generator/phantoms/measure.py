@@ -618,6 +618,13 @@ def effusion_grade_mismatch(measurement: Measurement, attributes: Mapping[str, A
     return None
 
 
+def prompt_shown(measurement: Measurement, attributes: Mapping[str, Any]) -> bool:
+    """Whether the image shows every finding its prompt asked for (side included; a normal prompt:
+    no finding), by :func:`matches_prompt`; a prompt with no measurable finding is not shown."""
+    ok = matches_prompt(measurement, attributes)
+    return bool(ok) and all(ok.values())
+
+
 def text_control_summary(lines: Sequence[Mapping[str, Any]], images: Sequence[np.ndarray]) -> dict[str, dict[str, int]]:
     """Per prompt text: how many images show what their prompt asked for (side included).
 
@@ -635,10 +642,9 @@ def text_control_summary(lines: Sequence[Mapping[str, Any]], images: Sequence[np
     out: dict[str, dict[str, int]] = {}
     for ln, img in zip(lines, images):
         m, attributes = measure(img), ln.get("attributes") or {}
-        ok = matches_prompt(m, attributes)
         rec = out.setdefault(str(ln["text"]), {"n": 0, "shown": 0})
         rec["n"] += 1
-        rec["shown"] += int(bool(ok) and all(ok.values()))
+        rec["shown"] += int(prompt_shown(m, attributes))
         swapped = side_swapped(m, attributes)
         if swapped is not None:
             rec["swapped"] = rec.get("swapped", 0) + int(swapped)
