@@ -126,6 +126,11 @@ def run_train_3d(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags added by train.py
+    why_not = {"--init-from": "volumes train from scratch", "--label-text": "volumes carry their own texts",
+               "--attribute-conditioning": "the volume UNet conditions on the text states only",
+               "--reports-csv": "volumes carry their own texts",
+               "--gradient-accumulation-steps": "the volume trainer steps once per batch",
+               "--mixed-precision": "volumes train in float32"}
     for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
                             ("--label-text", "label_text", bool),
                             ("--attribute-conditioning", "attribute_conditioning", bool),
@@ -134,8 +139,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
                             ("--mixed-precision", "mixed_precision", lambda v: v in ("fp16", "bf16"))):
         value = get(name)
         if bad(value):
-            raise ValueError(f"{flag} {value!r} is not supported with --dims 3 (volumes train in float32, "
-                             "from scratch, on NIfTI/DICOM series with their own texts)")
+            raise ValueError(f"{flag} {value!r} is not supported with --dims 3 ({why_not[flag]})")
     check_number("--max-minutes", get("max_minutes"), low=0.0, high=1e6, low_open=True)
     check_number("--max-steps", get("max_steps"), low=1, high=10**9)
     check_number("--seed", get("seed", 0), low=0, high=_MAX_SEED)
