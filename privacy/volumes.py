@@ -159,12 +159,31 @@ def shifted_ncc(query: np.ndarray, refs: np.ndarray, max_shift: int) -> np.ndarr
     k = kernel
     n = float(k[0].numel())
     dots = F.conv3d(r, k)  # (K, 8, 2s+1, 2s+1, 2s+1): window . unit(crop); the crop has zero mean
-    size = tuple(k.shape[2:])
-    mean = F.avg_pool3d(r, size, stride=1)
-    sq = F.avg_pool3d(r * r, size, stride=1)
-    norm = torch.sqrt(torch.clamp((sq - mean * mean) * n, min=0.0))
+    mean, sq = _window_means(r[:, 0], tuple(k.shape[2:]))
+    norm = torch.sqrt(torch.clamp((sq - mean * mean) * n, min=0.0)).to(dots.dtype)[:, None]
     ncc = torch.where(norm > 1e-4, dots / torch.clamp(norm, min=1e-4), torch.zeros_like(dots))
     return ncc.flatten(1).amax(dim=1).clamp(-1.0, 1.0).double().numpy()
+
+
+def _window_means(r: torch.Tensor, size: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square of every ``size`` window of ``(K, D, H, W)`` volumes (stride 1), float64.
+
+    Summed-volume tables (3D cumulative sums) give each window in 8 lookups: the same numbers as
+    ``F.avg_pool3d(r, size, stride=1)`` (to float rounding) at a cost independent of the window size,
+    where pooling a window nearly as large as the volume costs its full size at each position.
+
+    Returns:
+        ``(mean, mean_square)``, each ``(K, D - size[0] + 1, H - size[1] + 1, W - size[2] + 1)``.
+    """
+    def box_means(x: torch.Tensor) -> torch.Tensor:
+        c = F.pad(x.cumsum(1).cumsum(2).cumsum(3), (1, 0, 1, 0, 1, 0))
+        a, b, e = size
+        total = (c[:, a:, b:, e:] - c[:, :-a, b:, e:] - c[:, a:, :-b, e:] - c[:, a:, b:, :-e]
+                 + c[:, :-a, :-b, e:] + c[:, :-a, b:, :-e] + c[:, a:, :-b, :-e] - c[:, :-a, :-b, :-e])
+        return total / float(a * b * e)
+
+    x = r.double()
+    return box_means(x), box_means(x * x)
 
 
 def _slice_features(volumes: np.ndarray) -> np.ndarray:
