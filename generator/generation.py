@@ -29,6 +29,7 @@ from generator.models.pipeline import RadSynthPipeline
 from generator.models.pipeline import Precision
 from generator.models.samplers import (  # noqa: F401  (the limits and their check are re-exported here)
     DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
     MAX_GUIDANCE,
     MAX_STEPS,
     check_manifest_line,
@@ -157,7 +158,7 @@ def generate_to_folder(
     requests: Sequence[Request],
     output: str | Path,
     *,
-    steps: int = 25,
+    steps: int = DEFAULT_STEPS,
     guidance_scale: float = 2.0,
     sampler: str = DEFAULT_SAMPLER,
     negative_prompt: str | None = None,

@@ -55,7 +55,7 @@ from conditioning.attributes import prompt_vectors
 from conditioning.text_encoder import encode_prompts
 from generator._utils import look_up_option
 from generator.models.build import takes_attributes
-from generator.models.samplers import PRECISIONS, Precision  # "auto" resolves per device
+from generator.models.samplers import DEFAULT_STEPS, PRECISIONS, Precision  # "auto" resolves per device
 
 __all__ = [
     "PRECISIONS",
@@ -453,7 +453,7 @@ class RadSynthPipeline(DiffusionPipeline):
         *,
         seeds: Sequence[int] | None = None,
         negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 25,
+        num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 2.0,
         image: np.ndarray | torch.Tensor | None = None,
         strength: float = 1.0,
