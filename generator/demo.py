@@ -5,7 +5,8 @@ The phantoms it was trained on are rebuilt by :func:`generator.phantoms.phantom_
 
 from __future__ import annotations
 
-__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "DEMO_EMBEDDER_FILE", "bundled_model_path", "resolve_model",
+__all__ = ["DEMO_TRAINING", "DEMO_MODEL_DIR", "DEMO_EMBEDDER_FILE", "DEMO_VOLUME_TRAINING",
+           "DEMO_VOLUME_MODEL_DIR", "bundled_model_path", "bundled_volume_model_path", "resolve_model",
            "demo_settings"]
 
 import json
@@ -25,6 +26,15 @@ DEMO_EMBEDDER_FILE = "privacy_embedder.safetensors"
 #: Where the demo model lives inside the package.
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
+#: How ``scripts/train_demo_model.py --dims 3`` makes the CT phantom training set of the bundled volume
+#: demo model (``radsynth phantoms --dims 3``: volume ``i`` has seed ``seed * 100003 + i``); ``radsynth demo
+#: --3d`` rebuilds the same phantoms from these settings (or the model's ``radsynth.json`` ``demo`` block)
+#: to audit its volumes against the training data.
+DEMO_VOLUME_TRAINING = {"num_volumes": 400, "shape": 32, "seed": 0, "guidance_scale": 3.0, "preset": "lean"}
+
+#: Where the volume demo model lives inside the package.
+DEMO_VOLUME_MODEL_DIR = Path(__file__).resolve().parent / "demo_volume_model"
+
 
 def bundled_model_path() -> Path:
     """Folder of the demo model shipped inside the package.
@@ -37,6 +47,21 @@ def bundled_model_path() -> Path:
         raise FileNotFoundError(
             f"the bundled demo model is missing ({path}); train it with "
             "'python scripts/train_demo_model.py' or pass --model MODEL_DIR"
+        )
+    return path
+
+
+def bundled_volume_model_path() -> Path:
+    """Folder of the volume (CT) demo model shipped inside the package.
+
+    Raises:
+        FileNotFoundError: the package was installed without it.
+    """
+    path = DEMO_VOLUME_MODEL_DIR
+    if not (path / "radsynth.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled volume demo model is missing ({path}); train it with "
+            "'python scripts/train_demo_model.py --dims 3' or pass --model MODEL_DIR"
         )
     return path
 

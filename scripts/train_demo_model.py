@@ -6,6 +6,8 @@
     python scripts/train_demo_model.py --init-from generator/demo_model --output /tmp/demo_ft --minutes 70
                                       # fine-tune the bundled model's UNet (its VAE frozen), e.g. to add
                                       # attribute conditioning (issue 12); then copy /tmp/demo_ft over it
+    python scripts/train_demo_model.py --dims 3 --minutes 30 --threads 1
+                                      # the volume (CT) demo model of 'radsynth demo --3d' (issue 10)
 
 The phantoms are regenerated from their seed (nothing is downloaded, no real patient is involved),
 written to a scratch folder outside the repository, and used to train the ``small`` preset at 64 px.
@@ -32,7 +34,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from generator.models.config import get_preset  # noqa: E402
-from generator.demo import DEMO_EMBEDDER_FILE, DEMO_MODEL_DIR, DEMO_TRAINING  # noqa: E402
+from generator.demo import (  # noqa: E402
+    DEMO_EMBEDDER_FILE,
+    DEMO_MODEL_DIR,
+    DEMO_TRAINING,
+    DEMO_VOLUME_MODEL_DIR,
+    DEMO_VOLUME_TRAINING,
+)
 from generator.data import load_dataset  # noqa: E402
 from generator.phantoms import write_phantom_folder  # noqa: E402
 from generator.phantoms import phantom_reference_set  # noqa: E402
@@ -62,10 +70,58 @@ def _write_embedder(out: Path, num_images: int, seed: int) -> None:
     print(f"privacy embedder: {out / DEMO_EMBEDDER_FILE} ({time.time() - t0:.0f} s)")
 
 
+def _train_volume_model(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--dims 3``: CT phantoms (``radsynth phantoms --dims 3``) -> the volume demo model (preset
+    ``DEMO_VOLUME_TRAINING["preset"]``, packaged MiniLM, float32 weights), its ``demo`` block recording
+    the phantom set and this command."""
+    from generator.volumes.ingest import load_volumes
+    from generator.volumes.models import get_volume_preset
+    from generator.volumes.phantom import write_phantom_volumes
+    from generator.volumes.training import VolumeTrainConfig, VolumeTrainer, VolumeTrainingData
+
+    out = Path(args.output) if args.output is not None else DEMO_VOLUME_MODEL_DIR
+    n = args.num_images if args.num_images is not None else DEMO_VOLUME_TRAINING["num_volumes"]
+    shape, preset = int(DEMO_VOLUME_TRAINING["shape"]), str(DEMO_VOLUME_TRAINING["preset"])
+    work = Path(tempfile.mkdtemp(prefix="radsynth_demo_volumes_"))
+    t0 = time.time()
+    try:
+        write_phantom_volumes(work, n, shape=shape, seed=args.seed)
+        res = load_volumes(work, shape=shape)
+        print(f"{n} CT phantoms written and read in {time.time() - t0:.0f} s ({res.summary})", flush=True)
+        data = VolumeTrainingData.from_ingest(res)
+        if out.exists():
+            shutil.rmtree(out)
+        steps = {} if args.max_steps is None else {"vae_steps": args.max_steps, "unet_steps": args.max_steps}
+        config = VolumeTrainConfig.for_preset(preset, seed=args.seed, max_minutes=args.minutes, **steps)
+        result = VolumeTrainer(data, out, get_volume_preset(preset), config, progress=True).run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not result.finished:
+        raise SystemExit(f"training stopped before the end (VAE {result.vae_step}, UNet {result.unet_step} steps)")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    info = json.loads((out / "radsynth.json").read_text())
+    info["demo"] = {**DEMO_VOLUME_TRAINING, "num_volumes": n, "seed": args.seed,
+                    "command": "python scripts/train_demo_model.py " + " ".join(_shareable(argv))}
+    (out / "radsynth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text(
+        "# RadSynth volume demonstration model\n\nTrained only on procedural chest CT phantoms "
+        "(`radsynth phantoms --dims 3`), never on patient data. It demonstrates the volume pipeline "
+        "(`radsynth demo --3d`); it is not a model of real CT.\n\n" + card)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"volume demo model: {out} ({size / 1e6:.1f} MB), VAE {result.vae_step} + UNet {result.unet_step} steps, "
+          f"{time.time() - t0:.0f} s total")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default=str(DEMO_MODEL_DIR), help="model folder (default: the bundled one)")
-    p.add_argument("--num-images", type=int, default=DEMO_TRAINING["num_images"])
+    p.add_argument("--dims", type=int, choices=[2, 3], default=2,
+                   help="2 (default): the radiograph demo model; 3: the CT volume demo model of 'radsynth demo --3d'")
+    p.add_argument("--output", default=None, help="model folder (default: the bundled one of --dims)")
+    p.add_argument("--num-images", type=int, default=None,
+                   help=f"phantoms to train on (default {DEMO_TRAINING['num_images']}; "
+                        f"--dims 3: {DEMO_VOLUME_TRAINING['num_volumes']} volumes)")
     p.add_argument("--seed", type=int, default=DEMO_TRAINING["seed"])
     p.add_argument("--minutes", type=float, default=50.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=None)
@@ -83,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.output)
+    if args.dims == 3:
+        if args.init_from is not None or args.attribute_conditioning or args.embedder_only:
+            p.error("--dims 3 trains a volume model from scratch: no --init-from, --attribute-conditioning "
+                    "or --embedder-only")
+        return _train_volume_model(args, argv)
+    if args.num_images is None:
+        args.num_images = DEMO_TRAINING["num_images"]
+    out = Path(args.output) if args.output is not None else DEMO_MODEL_DIR
     if args.embedder_only:
         _write_embedder(out, args.num_images, args.seed)
         return 0

@@ -29,8 +29,10 @@ __all__ = [
     "run_generate_3d",
     "volume_writer",
     "volume_privacy_gate",
+    "index_gate",
     "run_index_3d",
     "run_audit_3d",
+    "audit_volume_folder",
 ]
 
 #: Volume sides ``--resolution`` accepts for ``train --dims 3`` (a cube; the preset must divide it).
@@ -258,14 +260,24 @@ def volume_privacy_gate(index_dir: str | Path, info: dict[str, Any]) -> Callable
     Raises:
         ValueError: a 2D index, or an index on another grid (shape or spacing) than the model's.
     """
-    import numpy as np
-
     from privacy.volumes import VolumeIndex, is_volume_index
 
     if not is_volume_index(index_dir):
         raise ValueError(f"--privacy-index {str(index_dir)!r} is not a volume index: build one with "
                          "'radsynth index --data VOLUMES ...' for a volume model")
-    index = VolumeIndex.load(index_dir)
+    return index_gate(VolumeIndex.load(index_dir), info)
+
+
+def index_gate(index: Any, info: dict[str, Any]) -> Callable[[Any], list[dict[str, Any]]]:
+    """The privacy gate of :func:`generator.volumes.generation.generate_volumes_to_folder` from a loaded
+    :class:`privacy.volumes.VolumeIndex`: model-range volumes ``(B, D, H, W)`` in ``[0, 1]`` (mapped to the
+    index's intensity window when it differs from the model's) -> one dict of verdict fields each.
+
+    Raises:
+        ValueError: an index on another grid (shape or spacing) than the model's.
+    """
+    import numpy as np
+
     shape, spacing = tuple(int(s) for s in info["shape"]), tuple(float(s) for s in info["spacing"])
     if shape != index.shape or not np.allclose(spacing, index.spacing, atol=1e-3):
         raise ValueError(f"--privacy-index was built on {index.shape} voxels at {index.spacing} mm but the model makes "
@@ -429,36 +441,36 @@ def run_index_3d(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_audit_3d(args: argparse.Namespace) -> int:
-    """``radsynth audit`` with a volume index: verdicts for every volume of ``--synthetic`` (resampled to
-    the index grid), added to its ``metadata.jsonl``; summary printed and, with ``--json``, written.
+def audit_volume_folder(index: Any, folder: Path, *, alpha: float | None = None, self_test: bool = True,
+                        json_path: str | Path | None = None, html_path: str | Path | None = None,
+                        flag: str = "--synthetic") -> tuple[Any, int]:
+    """Audit every volume of ``folder`` against a :class:`privacy.volumes.VolumeIndex` (resampled to its
+    grid): verdict fields added to ``folder/metadata.jsonl`` when there is one, the report written as JSON to
+    ``json_path`` and, to ``html_path``, a review page showing each flagged volume (axial, coronal and
+    sagittal mid-slices) beside its nearest training volumes.
 
-    With ``--html`` a review page shows each flagged volume (axial, coronal and sagittal mid-slices)
-    beside its nearest training volumes.
+    Returns:
+        ``(result, n_updated)``: the :class:`privacy.audit.AuditResult` and the manifest lines updated.
 
     Raises:
-        ValueError: an empty or unusable folder.
+        ValueError: an empty or unusable folder (naming ``flag``).
     """
     from generator.manifest import update_fields
     from generator.volumes.previews import preview_image
     from privacy.report import write_html, write_json
-    from privacy.volumes import VolumeIndex, audit_volumes
+    from privacy.volumes import audit_volumes
 
-    index = VolumeIndex.load(args.index)
-    folder = Path(args.synthetic)
-    data = _load_volume_stack(folder, "--synthetic", spacing=index.spacing, shape=index.shape,
+    data = _load_volume_stack(folder, flag, spacing=index.spacing, shape=index.shape,
                               ct_window=_intensity_window(dict(index.intensity)))
     names = [r.file_name for r in data.records]
     stack = data.stack()
-    result = audit_volumes(index, stack, names, alpha=getattr(args, "alpha", None),
-                           self_test=not getattr(args, "no_self_test", False))
-    s = result.summary
+    result = audit_volumes(index, stack, names, alpha=alpha, self_test=self_test)
     n_updated = 0
     if (folder / "metadata.jsonl").is_file():
         n_updated = update_fields(folder, {v.file_name: v.manifest_fields() for v in result.images})
-    if getattr(args, "json", None):
-        write_json(result, args.json)
-    if getattr(args, "html", None):
+    if json_path:
+        write_json(result, json_path)
+    if html_path:
         import numpy as np
 
         def picture(volume: np.ndarray) -> np.ndarray:  # model range [0, 1] -> the three mid-slices
@@ -471,7 +483,28 @@ def run_audit_3d(args: argparse.Namespace) -> int:
                 return picture(index.volumes[i])
 
         write_html(result, SimpleNamespace(ids=index.ids, images=_TrainingPictures()), [picture(v) for v in stack],
-                   args.html, title="RadSynth memorization audit (volumes)")
+                   html_path, title="RadSynth memorization audit (volumes)")
+    return result, n_updated
+
+
+def run_audit_3d(args: argparse.Namespace) -> int:
+    """``radsynth audit`` with a volume index: verdicts for every volume of ``--synthetic`` (resampled to
+    the index grid), added to its ``metadata.jsonl``; summary printed and, with ``--json``, written.
+
+    With ``--html`` a review page shows each flagged volume (axial, coronal and sagittal mid-slices)
+    beside its nearest training volumes.
+
+    Raises:
+        ValueError: an empty or unusable folder.
+    """
+    from privacy.volumes import VolumeIndex
+
+    index = VolumeIndex.load(args.index)
+    folder = Path(args.synthetic)
+    result, n_updated = audit_volume_folder(
+        index, folder, alpha=getattr(args, "alpha", None), self_test=not getattr(args, "no_self_test", False),
+        json_path=getattr(args, "json", None), html_path=getattr(args, "html", None))
+    s = result.summary
     c = s["counts"]
     print(f"audited {s['n_images']} volumes against {s['n_references']} training volumes of {tuple(s['shape'])}")
     print(f"  keep {c['keep']}, review {c['review']}, reject {c['reject']} (copy rate {s['copy_rate']:.4f}; "

@@ -16,11 +16,15 @@ Generates a small teaching set (normal, cardiomegaly, pleural effusion, nodule) 
 demonstration model (trained only on procedural chest phantoms), audits every image for
 memorization against an index of the model's phantom training data, and exports it as a PNG
 imagefolder, one DICOM study per synthetic patient and NIfTI files, with a contact sheet and an
-HTML page. Needs no network and no data of your own."""
+HTML page. With --3d it also makes synthetic chest CT volumes from the bundled volume demo model
+(trained only on procedural CT phantoms), gates and audits them against its training phantoms and
+writes each as NIfTI (+ JSON sidecar, axial/coronal/sagittal preview) and as a DICOM CT series.
+Needs no network and no data of your own."""
 
 EPILOG = """examples:
   radsynth demo --output demo_out
   radsynth demo --output demo_out --images-per-prompt 6 --steps 25 --overwrite
+  radsynth demo --output demo_out --3d             # also synthetic CT volumes (NIfTI + DICOM series)
 """
 
 #: Contrastive-embedding training steps for the demo's index (the default 400 takes minutes on a CPU;
@@ -55,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="text encoder to use instead of the model folder's own")
     p.add_argument("--reference-images", type=int_in(1, 1_000_000), default=None,
                    help="phantoms rebuilt for the privacy index (default: the model's whole training set)")
+    p.add_argument("--3d", dest="volumes", action="store_true",
+                   help="also make, audit and export synthetic CT volumes (into OUTPUT/volumes)")
+    p.add_argument("--volumes-per-prompt", type=int_in(1, 1000), default=None,
+                   help="--3d: volumes per prompt (default 2)")
+    p.add_argument("--volume-model", type=existing_dir, default=None,
+                   help="--3d: another volume model trained on CT phantoms (default: bundled)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -108,6 +118,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.guidance_scale is not None:
         check_sampling_settings(args.steps, args.guidance_scale, source="--steps/--guidance-scale")
+    if not args.volumes and (args.volume_model is not None or args.volumes_per_prompt is not None):
+        raise ValueError("--volume-model and --volumes-per-prompt need --3d")
+    if args.volumes:  # a missing or 2D volume model fails before anything is written
+        from generator.demo import bundled_volume_model_path
+        from generator.volumes.model_folder import read_volume_info
+
+        args.volume_model = str(args.volume_model or bundled_volume_model_path())
+        read_volume_info(args.volume_model)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--output {str(out)!r} is a file, not a folder")
@@ -119,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     progress = not args.quiet
-    bar = tqdm(total=5, desc="demo", unit="stage", disable=not progress)
+    bar = tqdm(total=6 if args.volumes else 5, desc="demo", unit="stage", disable=not progress)
+    volumes = None
     try:
 
         # 1. The model, loaded in a thread while worker processes render the phantoms it was trained on
@@ -200,6 +219,17 @@ def run(args: argparse.Namespace) -> int:
         control = text_control_summary(lines, list(stack))
         atomic_write_text(out / "text_control.json", json.dumps(control, indent=2) + "\n")
         bar.update(1)
+
+        # 6. (--3d) CT volumes: the same steps on the volume demo model, into OUTPUT/volumes.
+        if args.volumes:
+            bar.set_postfix_str("CT volumes")
+            from radsynth.commands._demo_volumes import run_volume_demo
+
+            volumes = run_volume_demo(out / "volumes", model=args.volume_model,
+                                      images_per_prompt=args.volumes_per_prompt or 2, steps=args.steps,
+                                      guidance_scale=args.guidance_scale, seed=args.seed,
+                                      text_encoder=args.text_encoder)
+            bar.update(1)
     except Exception:
         bar.close()  # ends the bar's line, so the error message starts on its own line
         if created:
@@ -222,4 +252,11 @@ def run(args: argparse.Namespace) -> int:
     print("  text control     " + ", ".join(
         f"{k}: {v['shown']}/{v['n']}" + (f" ({v['swapped']} on the other side)" if v.get("swapped") else "")
         for k, v in control.items()))
+    if volumes is not None:
+        v = volumes.summary
+        print(f"  CT volumes       {volumes.folder}/ ({volumes.n_volumes} NIfTI + JSON sidecars, previews/, "
+              f"dicom/ one CT series each; model hash {volumes.model_hash})")
+        print(f"  volume audit     {volumes.audit_html}, {volumes.audit_json} (index: {volumes.index_dir}/, "
+              f"{volumes.n_references} training CT phantoms): {v['counts']} (expected chance rejects "
+              f"{v['expected_chance_flags']['reject']:.2f}); resampled during generation: {volumes.resampled}")
     return 0
