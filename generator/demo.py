@@ -36,19 +36,21 @@ DEMO_VOLUME_TRAINING = {"num_volumes": 400, "shape": 32, "seed": 0, "guidance_sc
 DEMO_VOLUME_MODEL_DIR = Path(__file__).resolve().parent / "demo_volume_model"
 
 
+def _shipped(path: Path, marker: str, what: str, train_flags: str, flag: str) -> Path:
+    """``path`` when ``path / marker`` exists; else FileNotFoundError saying how to make it."""
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"the bundled {what} is missing ({path}); train it with "
+                                f"'python scripts/train_demo_model.py{train_flags}' or pass {flag} MODEL_DIR")
+    return path
+
+
 def bundled_model_path() -> Path:
     """Folder of the demo model shipped inside the package.
 
     Raises:
         FileNotFoundError: the package was installed without it.
     """
-    path = DEMO_MODEL_DIR
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled demo model is missing ({path}); train it with "
-            "'python scripts/train_demo_model.py' or pass --model MODEL_DIR"
-        )
-    return path
+    return _shipped(DEMO_MODEL_DIR, "model_index.json", "demo model", "", "--model")
 
 
 def bundled_volume_model_path() -> Path:
@@ -57,13 +59,7 @@ def bundled_volume_model_path() -> Path:
     Raises:
         FileNotFoundError: the package was installed without it.
     """
-    path = DEMO_VOLUME_MODEL_DIR
-    if not (path / "radsynth.json").is_file():
-        raise FileNotFoundError(
-            f"the bundled volume demo model is missing ({path}); train it with "
-            "'python scripts/train_demo_model.py --dims 3' or pass --model MODEL_DIR"
-        )
-    return path
+    return _shipped(DEMO_VOLUME_MODEL_DIR, "radsynth.json", "volume demo model", " --dims 3", "--volume-model")
 
 
 def resolve_model(model: str | None) -> str:
