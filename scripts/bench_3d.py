@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="intensity-weighted VAE L1 (VolumeTrainConfig.vae_fg_weight; 1 = plain L1)")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma UNet loss weighting (0 = off)")
     p.add_argument("--num-synthetic", type=int, default=160)
+    p.add_argument("--balanced", action="store_true",
+                   help="prompt half the synthetic volumes as hyperplasia (default: the training split's class ratio)")
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--sampler", default="ddim")
@@ -328,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     xva, yva = _load("val", 32)
     rng = np.random.default_rng(0)
     n = args.num_synthetic
-    ysyn = (rng.random(n) < ytr.mean()).astype(np.int64)
-    ysyn[:2] = [0, 1]
+    if args.balanced:  # a generator can make as many of the rare class as of the common one
+        ysyn = np.arange(n, dtype=np.int64) % 2
+    else:
+        ysyn = (rng.random(n) < ytr.mean()).astype(np.int64)
+        ysyn[:2] = [0, 1]
     t0 = time.monotonic()
     out = pipe([TEXTS[int(v)] for v in ysyn], seed=1000, num_inference_steps=args.sample_steps,
                guidance_scale=args.guidance, sampler=args.sampler, batch_size=32)
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     xsyn = out.volumes
     report["sampling"] = {"volumes": n, "seconds": round(dt, 1), "volumes_per_s": round(n / dt, 3),
                           "steps": args.sample_steps, "sampler": args.sampler, "guidance": args.guidance,
-                          "positives": int(ysyn.sum())}
+                          "positives": int(ysyn.sum()), "balanced": bool(args.balanced)}
     print("sampling:", json.dumps(report["sampling"]), flush=True)
     for i in range(2):
         save_preview(args.out / f"synthetic_{i}_{TEXTS[ysyn[i]].split(', ')[1]}.png", xsyn[i], out.spacing, height=96)
@@ -348,7 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     report["vae_reconstruction_val"] = vae_reconstruction(pipe, xva)
     print("vae reconstruction (val):", json.dumps(report["vae_reconstruction_val"]), flush=True)
 
-    sub = rng.choice(len(xtr), size=min(n, len(xtr)), replace=False)
+    # FD compares like with like: a synthetic subset at the training split's class ratio (all of it unless
+    # --balanced) against as many real training volumes
+    fd_idx = np.arange(n)
+    if args.balanced:
+        neg, pos = np.flatnonzero(ysyn == 0), np.flatnonzero(ysyn == 1)
+        n_pos = min(len(pos), int(round(len(neg) * ytr.mean() / (1 - ytr.mean()))))
+        fd_idx = np.sort(np.concatenate([neg, pos[:n_pos]]))
+    sub = rng.choice(len(xtr), size=min(len(fd_idx), len(xtr)), replace=False)
     aucs_real, aucs_syn, fds_syn, fds_real = [], [], [], []
     for s in range(args.cnn_seeds):
         net_real = train_cnn(xtr, ytr, seed=s, steps=args.cnn_steps)
@@ -356,12 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         aucs_real.append(roc_auc(yva, sv))
         net_syn = train_cnn(xsyn, ysyn, seed=s, steps=args.cnn_steps)
         aucs_syn.append(roc_auc(yva, scores_and_features(net_syn, xva)[0]))
-        _, fs = scores_and_features(net_real, xsyn)
+        _, fs = scores_and_features(net_real, xsyn[fd_idx])
         _, fr = scores_and_features(net_real, xtr[sub])
         fds_syn.append(frechet(fs, fv))
         fds_real.append(frechet(fr, fv))
     report["evaluation"] = {
         "cnn_seeds": args.cnn_seeds, "cnn_steps": args.cnn_steps, "val_volumes": int(len(yva)),
+        "fd_volumes": int(len(fd_idx)),
         "auc_real_to_real": [round(a, 4) for a in aucs_real], "auc_synthetic_to_real": [round(a, 4) for a in aucs_syn],
         "auc_real_mean": round(float(np.mean(aucs_real)), 4), "auc_synthetic_mean": round(float(np.mean(aucs_syn)), 4),
         "fd_synthetic_vs_val": round(float(np.mean(fds_syn)), 4), "fd_real_train_vs_val": round(float(np.mean(fds_real)), 4),
