@@ -232,12 +232,15 @@ class VolumeScores:
 
 
 def _neighbours(volumes: np.ndarray, refs: np.ndarray, max_shift: int, candidates: int, k: int,
-                exclude_self: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
-    """Top-``k`` references per view for each query (see the module docstring)."""
+                exclude_self: bool = False,
+                slice_view: bool = True) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """Top-``k`` references per view for each query (see the module docstring); ``slice_view=False``
+    leaves the slice view out (NaN similarities, index -1): it compares every query slice with every
+    reference slice, most of the cost, and only the ``ncc`` view is needed for some uses."""
     q_n, n = len(volumes), len(refs)
     k = max(1, min(int(k), n))
     ref_coarse = _coarse(refs, max_shift)
-    ref_slices = _slice_features(refs)
+    ref_slices = _slice_features(refs) if slice_view else None
     flips = [_coarse(np.flip(volumes, tuple(a + 1 for a in axes)) if axes else volumes, max_shift) for axes in _FLIPS_3D]
     coarse = np.max(np.stack([f @ ref_coarse.T for f in flips]), axis=0)  # (Q, N)
     out = {v: (np.full((q_n, k), np.nan), np.full((q_n, k), -1, dtype=np.int64)) for v in VOLUME_VIEW_NAMES}
@@ -249,10 +252,13 @@ def _neighbours(volumes: np.ndarray, refs: np.ndarray, max_shift: int, candidate
         if exclude_self:
             cand = cand[cand != q]
         ncc = shifted_ncc(volumes[q], refs[cand], max_shift)
-        sl = _slice_scores(volumes[q], ref_slices)
-        if exclude_self:
-            sl[q] = -np.inf
-        for view, sims, idx in (("ncc", ncc, cand), ("slice", sl, np.arange(n))):
+        views = [("ncc", ncc, cand)]
+        if slice_view:
+            sl = _slice_scores(volumes[q], ref_slices)
+            if exclude_self:
+                sl[q] = -np.inf
+            views.append(("slice", sl, np.arange(n)))
+        for view, sims, idx in views:
             order = np.argsort(-sims, kind="stable")[:k]
             m = len(order)
             out[view][0][q, :m] = sims[order]
@@ -462,7 +468,9 @@ class VolumeIndex:
             warn.append(f"only {len(keep)} held-out volumes calibrate alpha={alpha} ({need} needed, {2 * need} "
                         "recommended): this index's false-flag rate varies widely around alpha")
         calibration = Calibration.fit({v: nearest[v][keep] for v in VOLUME_VIEW_NAMES}, list(VOLUME_VIEW_NAMES))
-        ref_nb, _ = _neighbours(vols, vols, shift, candidates, 1, exclude_self=True) if n > 1 else (None, None)
+        # each training volume's nearest other one (ncc view only: ref_nn is an ncc similarity)
+        ref_nb, _ = (_neighbours(vols, vols, shift, candidates, 1, exclude_self=True, slice_view=False) if n > 1
+                     else (None, None))
         ref_nn = ref_nb["ncc"][0][:, 0] if ref_nb is not None else np.full(n, -1.0)
         for w_msg in warn:
             warnings.warn(f"volume reference index: {w_msg}", UserWarning, stacklevel=2)
