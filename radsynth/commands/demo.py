@@ -258,5 +258,6 @@ def run(args: argparse.Namespace) -> int:
               f"dicom/ one CT series each; model hash {volumes.model_hash})")
         print(f"  volume audit     {volumes.audit_html}, {volumes.audit_json} (index: {volumes.index_dir}/, "
               f"{volumes.n_references} training CT phantoms): {v['counts']} (expected chance rejects "
-              f"{v['expected_chance_flags']['reject']:.2f}); resampled during generation: {volumes.resampled}")
+              f"{v['expected_chance_flags']['reject']:.2f}); resampled during generation: {volumes.resampled}; "
+              f"calibration: {volumes.calibration}")
     return 0
