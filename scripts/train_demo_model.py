@@ -115,7 +115,8 @@ def _train_volume_model(args: argparse.Namespace, argv: list[str]) -> int:
     (out / "README.md").write_text(
         "# RadSynth volume demonstration model\n\nTrained only on procedural chest CT phantoms "
         "(`radsynth phantoms --dims 3`), never on patient data. It demonstrates the volume pipeline "
-        "(`radsynth demo --3d`); it is not a model of real CT.\n\n" + card)
+        "(`radsynth demo --3d`); it is not a model of real CT.\n\nMade by `" + info["demo"]["command"] + "` "
+        f"({n} phantoms of {shape}^3, seed {args.seed}, preset `{preset}`).\n\n" + card)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"volume demo model: {out} ({size / 1e6:.1f} MB), VAE {result.vae_step} + UNet {result.unet_step} steps, "
           f"{time.time() - t0:.0f} s total")

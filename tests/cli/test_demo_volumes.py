@@ -35,7 +35,8 @@ def test_train_demo_model_dims3_writes_a_volume_demo_model(tmp_path):
     assert info["shape"] == [DEMO_VOLUME_TRAINING["shape"]] * 3
     assert info["training"]["num_volumes"] == 4
     assert not (out / "checkpoints").exists()
-    assert (out / "README.md").read_text().startswith("# RadSynth volume demonstration model")
+    card = (out / "README.md").read_text()
+    assert card.startswith("# RadSynth volume demonstration model") and demo["command"] in card
 
 
 def test_train_demo_model_dims3_refuses_2d_only_flags(tmp_path):
