@@ -30,7 +30,7 @@ GENERATOR_LAYERS = {
     "checkpoints": {"_utils"},
     "training": {"_utils", "checkpoints", "data", "models", "manifest"},
     "generation": {"_utils", "manifest", "models"},
-    "volumes": {"_utils", "data", "manifest", "models", "phantoms"},
+    "volumes": {"_utils", "checkpoints", "data", "manifest", "models", "phantoms"},
     "stress": {"_utils", "data", "manifest", "models", "generation", "evaluation", "phantoms", "gallery"},
 }
 

@@ -12,16 +12,16 @@ reads the global RNG after the networks are initialised (from ``seed``). A run i
 checkpoint and resumed gives the same weights as an uninterrupted one (float32, same thread count).
 
 Files under ``output``: the model folder (:mod:`generator.volumes.model_folder`; UNet weights are the
-EMA), ``train_log.csv``, and ``checkpoints/`` (``state.json`` + ``tensors-<stage>-<step>.safetensors``:
-weights and optimizer moments only, never voxels or latents).
+EMA), ``train_log.csv``, and ``checkpoints/latest/`` in the layout of :mod:`generator.checkpoints`
+(``model.safetensors`` with ``vae.*`` and ``unet.*`` weights, ``ema.safetensors``,
+``optimizer.safetensors`` with ``vae_opt.*`` and ``unet_opt.*`` moments, ``state.json`` with steps,
+configs and checksums): weights and optimizer moments only, never voxels or latents.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,12 +30,20 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
 from generator._utils import look_up_option
+from generator.checkpoints import (
+    STATE_JSON,
+    json_plain,
+    load_weights,
+    optimizer_from_files,
+    optimizer_to_files,
+    read_checkpoint_state,
+    read_checkpoint_tensors,
+    write_checkpoint,
+)
 from generator.data.records import IntensityMapping
-from generator.manifest import atomic_write_text
 from generator.volumes.model_folder import save_volume_model
 from generator.volumes.models import (
     VOLUME_PRESETS,
@@ -49,7 +57,8 @@ from generator.volumes.records import VolumeIngestResult
 __all__ = ["VolumeTrainConfig", "VolumeTrainingData", "VolumeTrainer", "VolumeTrainResult", "VOLUME_TRAIN_PRESETS"]
 
 _STAGES = {"vae": 1, "unet": 2}
-CHECKPOINT_FORMAT = "radsynth-volume-checkpoint-v1"
+#: ``state.json["kind"]`` of a volume checkpoint (the layout is :mod:`generator.checkpoints`'s).
+CHECKPOINT_KIND = "volume"
 
 
 @dataclass(frozen=True)
@@ -224,33 +233,16 @@ def _generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def _flat_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
-    tensors, scalars = {}, {}
-    for idx, per in sd["state"].items():
-        for name, value in per.items():
-            if torch.is_tensor(value):
-                tensors[f"{prefix}.{int(idx)}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{int(idx)}.{name}"] = value
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"param_groups": groups, "scalars": scalars}
+def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``opt``'s state as :func:`generator.checkpoints.optimizer_to_files` splits it, tensor keys prefixed."""
+    tensors, meta = optimizer_to_files(opt.state_dict())
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}, meta
 
 
-def _restore_optimizer(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any],
-                       prefix: str) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith(prefix + "."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    live = opt.state_dict()["param_groups"]
-    groups = [{k: tuple(v) if isinstance(g.get(k), tuple) else v for k, v in s.items()}
-              for s, g in zip(meta["param_groups"], live)]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``tensors`` under ``prefix.``, with the prefix removed."""
+    head = prefix + "."
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
 
 
 class VolumeTrainer:
@@ -300,7 +292,11 @@ class VolumeTrainer:
         self._null = states[index[""]]
         self._context = states[[index[t] for t in data.texts]]
         self.ckpt_dir = self.output / "checkpoints"
-        if resume and (self.ckpt_dir / "state.json").is_file():
+        self.ckpt_path = self.ckpt_dir / "latest"
+        if resume and (self.ckpt_dir / STATE_JSON).is_file():
+            raise ValueError(f"{self.ckpt_dir}: a volume checkpoint of an earlier RadSynth layout, which this "
+                             "version cannot resume; start again in a new output folder")
+        if resume and (self.ckpt_path / STATE_JSON).is_file():
             self._load_checkpoint()
 
     # ------------------------------------------------------------------------------ checkpoints
@@ -310,49 +306,43 @@ class VolumeTrainer:
                          "fingerprint": self.data.fingerprint}}
 
     def _save_checkpoint(self) -> None:
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, torch.Tensor] = {}
-        for name, net in (("vae", self.vae), ("unet", self.unet), ("ema", self.ema)):
-            tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
-        t1, m1 = _flat_optimizer(self.vae_opt, "vae_opt")
-        t2, m2 = _flat_optimizer(self.unet_opt, "unet_opt")
-        tensors.update(t1)
-        tensors.update(t2)
-        name = f"tensors-{self.vae_step:07d}-{self.unet_step:07d}.safetensors"
-        tmp = self.ckpt_dir / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.ckpt_dir / name)
-        state = {"format": CHECKPOINT_FORMAT, **self._identity(), "tensors": name, "vae_step": self.vae_step,
+        """Write ``checkpoints/latest`` (:func:`generator.checkpoints.write_checkpoint`: safetensors
+        with sizes and SHA-256 in ``state.json``, written to a hidden folder and renamed into place)."""
+        weights: dict[str, torch.Tensor] = {}
+        for name, net in (("vae", self.vae), ("unet", self.unet)):
+            weights.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
+        ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+        t1, m1 = _optimizer_tensors(self.vae_opt, "vae_opt")
+        t2, m2 = _optimizer_tensors(self.unet_opt, "unet_opt")
+        state = {"kind": CHECKPOINT_KIND, **self._identity(), "vae_step": self.vae_step,
                  "unet_step": self.unet_step, "vae_done": self.vae_done, "unet_done": self.unet_done,
                  "seconds": self.seconds, "scaling_factor": self.scaling_factor,
                  "vae_opt": m1, "unet_opt": m2, "losses": {k: v[-10:] for k, v in self._losses.items()}}
-        atomic_write_text(self.ckpt_dir / "state.json", json.dumps(state, indent=1) + "\n")
-        for old in self.ckpt_dir.glob("tensors-*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(self.ckpt_path, {"model.safetensors": weights, "optimizer.safetensors": {**t1, **t2},
+                                          "ema.safetensors": ema}, state)
 
     def _load_checkpoint(self) -> None:
-        path = self.ckpt_dir / "state.json"
-        try:
-            state = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: format {state.get('format')!r} is not {CHECKPOINT_FORMAT!r}")
+        path = self.ckpt_path / STATE_JSON
+        state = read_checkpoint_state(self.ckpt_path)
+        if state.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"{path}: a checkpoint of kind {state.get('kind')!r}, not a volume model's "
+                             f"({CHECKPOINT_KIND!r})")
         mine = self._identity()
         for key in ("model_config", "train_config", "data"):
             theirs = state.get(key)
             if key == "train_config" and theirs is not None:
                 theirs = {**theirs, "max_minutes": None}
-            if json.loads(json.dumps(mine[key])) != theirs:
+            if json_plain(mine[key]) != theirs:
                 raise ValueError(f"{path}: the checkpoint's {key} differs from this run's; resume with the "
                                  f"same settings or start a new output folder")
-        tensors = load_file(str(self.ckpt_dir / state["tensors"]))
-        for name, net in (("vae", self.vae), ("unet", self.unet), ("ema", self.ema)):
-            prefix = name + "."
-            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-        _restore_optimizer(self.vae_opt, tensors, state["vae_opt"], "vae_opt")
-        _restore_optimizer(self.unet_opt, tensors, state["unet_opt"], "unet_opt")
+        weights = read_checkpoint_tensors(self.ckpt_path, "model.safetensors", state)
+        load_weights(self.vae, _prefixed(weights, "vae"), self.ckpt_path)
+        load_weights(self.unet, _prefixed(weights, "unet"), self.ckpt_path)
+        load_weights(self.ema, read_checkpoint_tensors(self.ckpt_path, "ema.safetensors", state), self.ckpt_path)
+        moments = read_checkpoint_tensors(self.ckpt_path, "optimizer.safetensors", state)
+        for name, opt in (("vae_opt", self.vae_opt), ("unet_opt", self.unet_opt)):
+            opt.load_state_dict(optimizer_from_files(_prefixed(moments, name), state[name], opt.state_dict()))
         self.vae_step, self.unet_step = int(state["vae_step"]), int(state["unet_step"])
         self.vae_done, self.unet_done = bool(state["vae_done"]), bool(state["unet_done"])
         self.seconds, self.scaling_factor = float(state["seconds"]), state["scaling_factor"]

@@ -37,8 +37,9 @@ def test_model_folder_layout_and_info(tiny_volume_model, phantom_data):
     assert info["scaling_factor"] > 0 and info["text_encoder"] == {"name": "tiny_text_encoder0"}
     assert "/" not in json.dumps(info["text_encoder"])
     # the EMA UNet is what is saved, and it differs from the raw UNet of the last checkpoint
-    ckpt = json.loads((tiny_volume_model / "checkpoints" / "state.json").read_text())
-    assert ckpt["unet_step"] == 8 and ckpt["vae_step"] == 6 and ckpt["unet_done"]
+    ckpt = json.loads((tiny_volume_model / "checkpoints" / "latest" / "state.json").read_text())
+    assert ckpt["unet_step"] == 8 and ckpt["vae_step"] == 6 and ckpt["unet_done"] and ckpt["kind"] == "volume"
+    assert sorted(ckpt["files"]) == ["ema.safetensors", "model.safetensors", "optimizer.safetensors"]
 
 
 def test_loaded_model_samples(tiny_volume_model):
@@ -69,6 +70,21 @@ def test_resume_equals_uninterrupted(tmp_path, phantom_data, tiny_text_encoder, 
     # the log has one row per step, none repeated
     rows = (out / "train_log.csv").read_text().splitlines()[1:]
     assert len(rows) == 14
+
+
+def test_damaged_or_old_checkpoint_is_refused_by_name(tmp_path, phantom_data, tiny_text_encoder):
+    """A truncated checkpoint file, or a checkpoint of the earlier volume layout, stops ``resume`` with
+    an error naming the file or folder (never a silent restart from scratch or a half-loaded model)."""
+    preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
+    out = tmp_path / "o"
+    VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder)).run(max_steps=3)
+    weights = out / "checkpoints" / "latest" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="model.safetensors.*damaged"):
+        VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True)
+    (out / "checkpoints" / "state.json").write_text("{}")
+    with pytest.raises(ValueError, match="earlier RadSynth layout"):
+        VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True)
 
 
 def test_different_seed_trains_differently(tmp_path, phantom_data, tiny_text_encoder, tiny_volume_model):
