@@ -207,6 +207,33 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(value % 2**64)
 
 
+def _init_architecture(folder: Path, resolution: int, frozen_vae: bool) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields that a fine-tune takes from the ``init_from`` folder's networks
+    (its UNet always; its VAE and latent grid when the VAE is kept; a new VAE's latent channels stay the
+    config's, checked against the UNet's by the caller), so that ``radsynth.json`` and the
+    model card describe the networks that were trained, not the preset's defaults."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    out: dict[str, Any] = {
+        "unet_channels": tuple(int(c) for c in unet["block_out_channels"]),
+        "unet_attention": tuple(str(b).startswith("CrossAttn") for b in unet["down_block_types"]),
+    }
+    if isinstance(unet.get("layers_per_block"), int):
+        out["unet_layers_per_block"] = unet["layers_per_block"]
+    if isinstance(unet.get("attention_head_dim"), int):
+        out["unet_heads"] = unet["attention_head_dim"]
+    if isinstance(unet.get("norm_num_groups"), int):
+        out["norm_groups"] = unet["norm_num_groups"]
+    if frozen_vae:
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        blocks = tuple(int(c) for c in vae["block_out_channels"])
+        out.update(vae_channels=blocks, latent_size=resolution // 2 ** (len(blocks) - 1),
+                   latent_channels=int(vae["latent_channels"]),
+                   vae_mid_block_attention=bool(vae.get("mid_block_add_attention", True)))
+        if isinstance(vae.get("layers_per_block"), int):
+            out["vae_layers_per_block"] = vae["layers_per_block"]
+    return out
+
+
 def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
     def fn(step: int) -> float:
         warm = max(1, min(warmup, plan.total // 10))  # short runs: at most a tenth of the steps
@@ -525,6 +552,7 @@ class Trainer:
             source_sched = json.loads((self.init_info.path / "scheduler" / "scheduler_config.json").read_text())
             config = replace(config, prediction_type=source_sched.get("prediction_type", "epsilon"))
             noise_scheduler = DDPMScheduler.from_config(source_sched, clip_sample=False)
+            config = replace(config, **_init_architecture(self.init_info.path, resolution, self.frozen_vae))
             if not self.frozen_vae:
                 unet_in = json.loads((self.init_info.path / "unet" / "config.json").read_text())["in_channels"]
                 if unet_in != config.latent_channels:

