@@ -86,6 +86,35 @@ def torchrun_two_nodes(args: list[str], cwd: Path, module: bool = True) -> list[
     return outputs
 
 
+ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "slurm" / "accelerate_multi_machine.yaml"
+
+
+def accelerate_two_machines(args: list[str], cwd: Path) -> list[str]:
+    """Run ``python -m <args>`` under two ``accelerate launch`` launchers that use the documented
+    multi-machine config (``docs/slurm/accelerate_multi_machine.yaml``), machine ranks 0 and 1 on
+    ``127.0.0.1:<free port>``; returns their outputs (fails the test as :func:`torchrun_two_nodes`)."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+               "--machine_rank", str(rank), "--main_process_port", port, "-m", *args]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    outputs = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT_S)
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        pytest.fail(f"accelerate launch {' '.join(args[:2])} did not finish within {TIMEOUT_S} s")
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"accelerate launcher exited with {p.returncode}:\n{out[-4000:]}"
+    return outputs
+
+
 def run_here(argv: list[str]) -> None:
     """``radsynth <argv>`` in this process, on one thread."""
     with torch_threads(1):
@@ -170,6 +199,21 @@ def test_two_node_training_writes_one_model_once_and_is_reproducible(work):
         assert hidden_leftovers(run_b) == []
     finally:
         shutil.rmtree(run_b, ignore_errors=True)
+
+
+def test_accelerate_launch_two_machines_equals_torchrun(work):
+    """The documented ``accelerate launch`` multi-machine config (two launchers, machine ranks 0 and 1)
+    trains the same weights as the two torchrun nodes: same world size, same (seed, stage, step, rank)
+    batches."""
+    run_c = work["root"] / "run_accelerate"
+    try:
+        accelerate_two_machines(["radsynth", *train_args(work["data"], run_c, work["te"])], cwd=work["root"])
+        info = json.loads((run_c / "radsynth.json").read_text())
+        assert info["training"]["num_processes"] == 2
+        assert_same_weights(work["run_a"], run_c)
+        assert hidden_leftovers(run_c) == []
+    finally:
+        shutil.rmtree(run_c, ignore_errors=True)
 
 
 def test_resume_at_the_same_world_size_is_exact(work):
