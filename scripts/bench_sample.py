@@ -327,6 +327,20 @@ def generate(pipe: Any, n: int, steps: int, guidance: float, precision: str, bat
     return np.concatenate(out), labels, time.perf_counter() - t0
 
 
+@torch.no_grad()
+def vae_round_trip(vae: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``(N, H, W)`` images in ``[0, 1]`` encoded and decoded by ``vae`` (posterior mean, float32), in ``[0, 1]``."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32))[:, None] * 2 - 1
+        x = x.to(vae.device, vae.dtype)
+        if int(vae.config.in_channels) != 1:
+            x = x.expand(-1, int(vae.config.in_channels), -1, -1)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float().mean(1).clamp(-1, 1)
+        out.append(((y + 1) / 2).cpu().numpy())
+    return np.concatenate(out)
+
+
 def contact_sheet(images: np.ndarray, labels: np.ndarray, path: Path, per_class: int = 8) -> None:
     """Rows: label 0 then label 1, ``per_class`` images each."""
     from PIL import Image
@@ -378,6 +392,13 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
         reference[str(n)] = {"fd_mean": float(np.mean(fds)), "fd_sd": float(np.std(fds)),
                              "auc_real_to_real_same_n": aucs[0]}
     say("  real-vs-real reference: " + ", ".join(f"N={n}: FD {reference[str(n)]['fd_mean']:.4f}" for n in sizes))
+    # The VAE's share of the distance: real training images encoded and decoded (posterior mean), no UNet.
+    sub = np.concatenate([np.random.default_rng(args.seed).choice(np.flatnonzero(yt == c), n_main // 2,
+                                                                  replace=False) for c in (0, 1)])
+    round_trip = vae_round_trip(pipe.vae, xt[sub])
+    vae_row = {"n": int(len(sub)), "fd": frechet_distance(clf.features(round_trip), fv),
+               "mae": float(np.abs(round_trip - xt[sub]).mean())}
+    say(f"  VAE round trip of {len(sub)} real training images: FD {vae_row['fd']:.4f}, MAE {vae_row['mae']:.4f}")
 
     base_sched = pipe.scheduler
     reference_images = None
@@ -433,6 +454,7 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
         "classifier": {"epochs": args.clf_epochs, "size": clf.size, "feature_dim": clf.feature_dim,
                        "seed": args.seed},
         "auc_real_to_real": auc_real_all, "reference": reference, "sizes": sizes, "rows": rows,
+        "vae_round_trip": vae_row,
         "real_pixel_mean": float(xv.mean()), "real_pixel_std": float(xv.std()),
     }
 
@@ -494,6 +516,11 @@ def markdown(res: dict[str, Any]) -> str:
         out.append(f"| real train (all {q['num_train']}) | - | - | - | - | " + " | ".join("" for _ in sizes)
                    + f" | {q['auc_real_to_real']:.3f} (real->real) | - | - | "
                    f"{q['real_pixel_mean']:.3f}/{q['real_pixel_std']:.3f} | - |")
+        vr = q.get("vae_round_trip")
+        if vr:
+            out.append(f"| real train subset through the VAE (N={vr['n']}, MAE {vr['mae']:.4f}) | - | - | - | - | "
+                       + " | ".join(f"{vr['fd']:.4f}" if m == vr["n"] else "" for m in sizes)
+                       + " | - | - | - | - | - |")
         for r in q["rows"]:
             name = r["sampler"] + (" (RadSynth default)" if r.get("default") else "")
             precision = r.get("precision", "bf16" if r.get("bf16") else "fp32")
