@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -172,13 +173,17 @@ def run(args: argparse.Namespace) -> int:
 
         phantoms = {"num_images": n_ref, "size": info.resolution, "seed": int(demo_cfg["seed"])}
         embedder = shipped_embedder(Path(info.path), phantoms)
-        index = ReferenceIndex.build(
-            ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
-            holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,
-            embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS), embedder=embedder,
-            info={"embedder_source": f"{DEMO_EMBEDDER_FILE} of the model folder" if embedder is not None
-                  else f"trained now ({DEMO_EMBEDDER_STEPS} steps)"},
-        )
+        with warnings.catch_warnings():
+            # Phantoms are far more alike than radiographs: the index finds "self-similar data", raises its
+            # exact-copy rule and records it (index.json, holdout "warnings"): expected here, not news to print.
+            warnings.filterwarnings("ignore", message=r"reference index: self-similar data", category=UserWarning)
+            index = ReferenceIndex.build(
+                ref.images, ref.ids, ref.patient_ids, holdout_images=hold.images, holdout_ids=hold.ids,
+                holdout_patient_ids=hold.patient_ids, alpha=0.01, progress=False,
+                embedder_config=EmbedderConfig(steps=DEMO_EMBEDDER_STEPS), embedder=embedder,
+                info={"embedder_source": f"{DEMO_EMBEDDER_FILE} of the model folder" if embedder is not None
+                      else f"trained now ({DEMO_EMBEDDER_STEPS} steps)"},
+            )
         index_dir = out / "privacy_index"
         index.save(index_dir)
         bar.update(1)
