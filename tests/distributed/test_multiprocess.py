@@ -71,6 +71,12 @@ def torchrun_two_nodes(args: list[str], cwd: Path, module: bool = True) -> list[
            "--max-restarts", "0", *(["-m"] if module else []), *args]
     procs = [subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True) for _ in range(2)]
+    return _wait_all(procs, f"torchrun {' '.join(args[:2])}")
+
+
+def _wait_all(procs: list[subprocess.Popen], what: str) -> list[str]:
+    """The launchers' outputs once all exited 0; fails the test (after killing every launcher's process
+    group) on a non-zero exit or after ``TIMEOUT_S`` seconds."""
     outputs = []
     try:
         for p in procs:
@@ -80,9 +86,9 @@ def torchrun_two_nodes(args: list[str], cwd: Path, module: bool = True) -> list[
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun {' '.join(args[:2])} did not finish within {TIMEOUT_S} s")
+        pytest.fail(f"{what} did not finish within {TIMEOUT_S} s")
     for p, out in zip(procs, outputs):
-        assert p.returncode == 0, f"torchrun launcher exited with {p.returncode}:\n{out[-4000:]}"
+        assert p.returncode == 0, f"{what}: a launcher exited with {p.returncode}:\n{out[-4000:]}"
     return outputs
 
 
@@ -92,7 +98,7 @@ ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "docs" / "slurm" / "ac
 def accelerate_two_machines(args: list[str], cwd: Path) -> list[str]:
     """Run ``python -m <args>`` under two ``accelerate launch`` launchers that use the documented
     multi-machine config (``docs/slurm/accelerate_multi_machine.yaml``), machine ranks 0 and 1 on
-    ``127.0.0.1:<free port>``; returns their outputs (fails the test as :func:`torchrun_two_nodes`)."""
+    ``127.0.0.1:<free port>``; returns their outputs (:func:`_wait_all`)."""
     port = str(_free_port())
     procs = []
     for rank in (0, 1):
@@ -100,19 +106,7 @@ def accelerate_two_machines(args: list[str], cwd: Path) -> list[str]:
                "--machine_rank", str(rank), "--main_process_port", port, "-m", *args]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True, start_new_session=True))
-    outputs = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=TIMEOUT_S)
-            outputs.append(out)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        pytest.fail(f"accelerate launch {' '.join(args[:2])} did not finish within {TIMEOUT_S} s")
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, f"accelerate launcher exited with {p.returncode}:\n{out[-4000:]}"
-    return outputs
+    return _wait_all(procs, f"accelerate launch {' '.join(args[:2])}")
 
 
 def run_here(argv: list[str]) -> None:
