@@ -207,12 +207,12 @@ def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Genera
     return torch.Generator().manual_seed(value % 2**64)
 
 
-def _init_architecture(folder: Path, resolution: int, frozen_vae: bool) -> dict[str, Any]:
-    """The :class:`TrainConfig` fields that a fine-tune takes from the ``init_from`` folder's networks
-    (its UNet always; its VAE and latent grid when the VAE is kept; a new VAE's latent channels stay the
-    config's, checked against the UNet's by the caller), so that ``radsynth.json`` and the
-    model card describe the networks that were trained, not the preset's defaults."""
-    unet = json.loads((folder / "unet" / "config.json").read_text())
+def _init_architecture(unet: Mapping[str, Any], vae: Mapping[str, Any] | None, resolution: int) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields that a fine-tune takes from the ``init_from`` folder's networks,
+    given their diffusers ``config.json`` contents: the UNet's always; the VAE's and the latent grid when
+    the VAE is kept (``vae`` given; ``None``: a new VAE, whose latent channels stay the config's and are
+    checked against the UNet's by the caller). So ``radsynth.json`` and the model card describe the
+    networks that were trained, not the preset's defaults."""
     out: dict[str, Any] = {
         "unet_channels": tuple(int(c) for c in unet["block_out_channels"]),
         "unet_attention": tuple(str(b).startswith("CrossAttn") for b in unet["down_block_types"]),
@@ -223,8 +223,7 @@ def _init_architecture(folder: Path, resolution: int, frozen_vae: bool) -> dict[
         out["unet_heads"] = unet["attention_head_dim"]
     if isinstance(unet.get("norm_num_groups"), int):
         out["norm_groups"] = unet["norm_num_groups"]
-    if frozen_vae:
-        vae = json.loads((folder / "vae" / "config.json").read_text())
+    if vae is not None:
         blocks = tuple(int(c) for c in vae["block_out_channels"])
         out.update(vae_channels=blocks, latent_size=resolution // 2 ** (len(blocks) - 1),
                    latent_channels=int(vae["latent_channels"]),
@@ -550,11 +549,14 @@ class Trainer:
         self.frozen_vae = self.init_info is not None and self.init_info.resolution == resolution
         if self.init_info is not None:
             source_sched = json.loads((self.init_info.path / "scheduler" / "scheduler_config.json").read_text())
-            config = replace(config, prediction_type=source_sched.get("prediction_type", "epsilon"))
             noise_scheduler = DDPMScheduler.from_config(source_sched, clip_sample=False)
-            config = replace(config, **_init_architecture(self.init_info.path, resolution, self.frozen_vae))
+            unet_cfg = json.loads((self.init_info.path / "unet" / "config.json").read_text())
+            vae_cfg = (json.loads((self.init_info.path / "vae" / "config.json").read_text())
+                       if self.frozen_vae else None)
+            config = replace(config, prediction_type=source_sched.get("prediction_type", "epsilon"),
+                             **_init_architecture(unet_cfg, vae_cfg, resolution))
             if not self.frozen_vae:
-                unet_in = json.loads((self.init_info.path / "unet" / "config.json").read_text())["in_channels"]
+                unet_in = unet_cfg["in_channels"]
                 if unet_in != config.latent_channels:
                     raise ValueError(
                         f"init_from {self.init_info.path.name!r} has a UNet over {unet_in}-channel latents, but a new "

@@ -329,7 +329,8 @@ def generate(pipe: Any, n: int, steps: int, guidance: float, precision: str, bat
 
 @torch.no_grad()
 def vae_round_trip(vae: Any, images: np.ndarray, batch: int = 64) -> np.ndarray:
-    """``(N, H, W)`` images in ``[0, 1]`` encoded and decoded by ``vae`` (posterior mean, float32), in ``[0, 1]``."""
+    """``(N, H, W)`` images in ``[0, 1]`` encoded and decoded by ``vae`` (posterior mean, in the VAE's dtype;
+    an RGB VAE sees gray as RGB and its output is averaged back), in ``[0, 1]``."""
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32))[:, None] * 2 - 1
