@@ -27,7 +27,7 @@ from generator._utils import sha256_file
 __all__ = [
     "CHECKPOINT_FORMAT", "STATE_JSON", "TENSOR_FILES", "write_checkpoint", "read_checkpoint_state",
     "read_checkpoint_tensors", "latest_checkpoint", "optimizer_to_files", "optimizer_from_files",
-    "load_weights", "sha256_file", "json_plain",
+    "ema_to_files", "ema_from_files", "load_weights", "sha256_file", "json_plain",
 ]
 
 #: Version of the checkpoint layout (``state.json["format"]``).
@@ -86,6 +86,35 @@ def optimizer_from_files(
     for saved, live in zip(meta["param_groups"], current["param_groups"]):
         groups.append({k: tuple(v) if isinstance(live.get(k), tuple) else v for k, v in saved.items()})
     return {"state": state, "param_groups": groups}
+
+
+def ema_to_files(ema: Any, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split a ``diffusers.training_utils.EMAModel``'s state into tensors and JSON.
+
+    Args:
+        ema: The EMA of a network's parameters.
+        names: The network's parameter names, in ``named_parameters()`` order (the EMA's order).
+
+    Returns:
+        ``(tensors, meta)``: shadow weights under ``shadow.<parameter name>``, and the EMA's counters and
+        settings (decay, optimization step, warm-up).
+    """
+    state = ema.state_dict()
+    tensors = {f"shadow.{n}": p.detach().cpu().contiguous() for n, p in zip(names, state["shadow_params"])}
+    return tensors, {k: v for k, v in state.items() if k != "shadow_params"}
+
+
+def ema_from_files(ema: Any, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], names: list[str]) -> None:
+    """Inverse of :func:`ema_to_files`: load ``tensors`` and ``meta`` into ``ema`` (in place).
+
+    Raises:
+        ValueError: the shadow weights do not name exactly the network's parameters ``names``.
+    """
+    missing = [n for n in names if f"shadow.{n}" not in tensors]
+    if missing or len(tensors) != len(names):
+        raise ValueError(f"EMA weights do not match the network (missing {missing[:3]}, {len(tensors)} "
+                         f"saved for {len(names)} parameters)")
+    ema.load_state_dict({**meta, "shadow_params": [tensors[f"shadow.{n}"] for n in names]})
 
 
 def write_checkpoint(folder: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: dict[str, Any]) -> None:

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
@@ -83,6 +83,8 @@ from generator.checkpoints import (
     json_plain,
     latest_checkpoint,
     load_weights,
+    ema_from_files,
+    ema_to_files,
     optimizer_from_files,
     optimizer_to_files,
     read_checkpoint_state,
@@ -97,6 +99,7 @@ from generator.models.build import (
     attribute_embedding_config, build_noise_scheduler, build_unet, build_vae, takes_attributes,
 )
 from generator.models.config import TrainConfig
+from generator.recipe import denoising_loss, denoising_target, unet_ema, warmup_cosine
 from generator.models.model_folder import (
     ModelInfo,
     absolute_paths,
@@ -234,14 +237,9 @@ def _init_architecture(unet: Mapping[str, Any], vae: Mapping[str, Any] | None, r
 
 
 def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        warm = max(1, min(warmup, plan.total // 10))  # short runs: at most a tenth of the steps
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, plan.total - warm))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
+    """:func:`generator.objective.warmup_cosine` over the plan's current ``total`` (refitted under a
+    time budget, so the schedule reads it at every step)."""
+    return lambda step: warmup_cosine(step, plan.total, warmup)
 
 
 class _StepBatches:
@@ -1006,10 +1004,7 @@ class Trainer:
                 unet = build_unet(cfg, cross_dim)
         if self.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        ema = EMAModel(
-            unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True, power=2 / 3,
-            model_cls=UNet2DConditionModel, model_config=unet.config,
-        )
+        ema = unet_ema(unet, cfg.ema_decay)
         noise_sched = self.noise_scheduler
         unet, opt, sched, plan, step = self._start_stage("unet", unet, cfg.unet_lr, 1e-2, cfg.unet_steps, start, ema)
         n = cache.shape[0]
@@ -1034,17 +1029,11 @@ class Trainer:
             class_labels = None if labels is None else labels[text_ids].to(acc.device)
             z0, noise, t = z0.to(acc.device), noise.to(acc.device), t.to(acc.device)
             noisy = noise_sched.add_noise(z0, noise, t)
-            target = noise if cfg.prediction_type == "epsilon" else noise_sched.get_velocity(z0, noise, t)
+            target = denoising_target(noise_sched, z0, noise, t, cfg.prediction_type)
             with acc.accumulate(unet):
                 with self._autocast():
                     pred = unet(noisy, t, encoder_hidden_states=context, class_labels=class_labels).sample
-                per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.min_snr_gamma is not None:
-                    snr = compute_snr(noise_sched, t.cpu()).to(acc.device)
-                    w = torch.clamp(snr, max=cfg.min_snr_gamma)
-                    w = w / snr if cfg.prediction_type == "epsilon" else w / (snr + 1)
-                    per = per * w
-                loss = per.mean()
+                loss = denoising_loss(pred, target, t, noise_sched, cfg.prediction_type, cfg.min_snr_gamma).mean()
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(unet.parameters(), 1.0)
@@ -1143,12 +1132,7 @@ class Trainer:
                 "num_processes": acc.num_processes,
             }
             if ema is not None:
-                ema_state = ema.state_dict()
-                names = [n for n, _ in net.named_parameters()]
-                tensors["ema.safetensors"] = {
-                    f"shadow.{n}": p.detach().cpu().contiguous() for n, p in zip(names, ema_state["shadow_params"])
-                }
-                state["ema"] = {k: v for k, v in ema_state.items() if k != "shadow_params"}
+                tensors["ema.safetensors"], state["ema"] = ema_to_files(ema, [n for n, _ in net.named_parameters()])
             ckpt = self.workspace / f"{stage}-{step}"
             write_checkpoint(ckpt, tensors, state)
             for old in self.workspace.glob(f"{stage}-*"):
@@ -1177,12 +1161,8 @@ class Trainer:
             if self.accelerator.scaler is not None and state.get("grad_scaler"):
                 self.accelerator.scaler.load_state_dict(state["grad_scaler"])
             if ema is not None:
-                shadow = read_checkpoint_tensors(ckpt, "ema.safetensors", state)
-                names = [n for n, _ in net.named_parameters()]
-                missing = [n for n in names if f"shadow.{n}" not in shadow]
-                if missing or len(shadow) != len(names):
-                    raise ValueError(f"EMA weights do not match the UNet (missing {missing[:3]})")
-                ema.load_state_dict({**state["ema"], "shadow_params": [shadow[f"shadow.{n}"] for n in names]})
+                ema_from_files(ema, read_checkpoint_tensors(ckpt, "ema.safetensors", state), state["ema"],
+                               [n for n, _ in net.named_parameters()])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"checkpoint {str(ckpt)!r} does not fit this run: {exc}") from None
         plan.total = int(state.get("plan_total", plan.total))

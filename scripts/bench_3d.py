@@ -9,7 +9,9 @@ What it measures, on the shared CPUs with pinned threads (stated in the output):
 3. On the real validation split: a small 3D CNN trained on synthetic volumes only and scored on real
    validation volumes (ROC AUC), beside the same CNN trained on real training volumes; the Fréchet
    distance in that (real-trained) CNN's penultimate features, synthetic vs real-val beside
-   real-train vs real-val at the same sample size.
+   real-train vs real-val at the same sample size. The same two measures for the real training volumes
+   after a round trip through the model's VAE alone: the VAE's share of the gap (what a perfect UNet
+   could reach with this VAE).
 4. The real CT round trip of ``example_ct_sm.nii.gz``: NIfTI -> ingest (standard layout) -> NIfTI and
    DICOM series (exporters) -> ingest, checking affine/world positions, spacing and HU.
 
@@ -198,12 +200,17 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def vae_reconstruction(pipe, x: np.ndarray) -> dict:
-    """How well the VAE alone reproduces real volumes: mean absolute error and Dice of the >0.5 masks."""
+def vae_round_trip(pipe, x: np.ndarray) -> np.ndarray:
+    """Volumes ``x`` (N, D, H, W) in [0, 1] encoded and decoded by the model's VAE alone (same shape)."""
     import torch
 
-    rec = np.concatenate([pipe.decode_latents(pipe.encode_volumes(torch.from_numpy(x[i:i + 16]))).numpy()
-                          for i in range(0, len(x), 16)])
+    return np.concatenate([pipe.decode_latents(pipe.encode_volumes(torch.from_numpy(x[i:i + 16]))).numpy()
+                           for i in range(0, len(x), 16)])
+
+
+def vae_reconstruction(pipe, x: np.ndarray) -> dict:
+    """How well the VAE alone reproduces real volumes: mean absolute error and Dice of the >0.5 masks."""
+    rec = vae_round_trip(pipe, x)
     a, b = x > 0.5, rec > 0.5
     dice = 2 * (a & b).sum((1, 2, 3)) / np.maximum(a.sum((1, 2, 3)) + b.sum((1, 2, 3)), 1)
     return {"mae": round(float(np.abs(rec - x).mean()), 5), "dice_mean": round(float(dice.mean()), 4)}
@@ -361,17 +368,24 @@ def main(argv: list[str] | None = None) -> int:
         n_pos = min(len(pos), int(round(len(neg) * ytr.mean() / (1 - ytr.mean()))))
         fd_idx = np.sort(np.concatenate([neg, pos[:n_pos]]))
     sub = rng.choice(len(xtr), size=min(len(fd_idx), len(xtr)), replace=False)
-    aucs_real, aucs_syn, fds_syn, fds_real = [], [], [], []
+    # The VAE's share of the gap: the real training volumes after a VAE round trip, scored like samples
+    # (FD of the same subset, and AUC of a CNN trained on all of them) -- what a perfect UNet could reach.
+    xrt = vae_round_trip(pipe, xtr)
+    aucs_real, aucs_syn, aucs_rt, fds_syn, fds_real, fds_rt = [], [], [], [], [], []
     for s in range(args.cnn_seeds):
         net_real = train_cnn(xtr, ytr, seed=s, steps=args.cnn_steps)
         sv, fv = scores_and_features(net_real, xva)
         aucs_real.append(roc_auc(yva, sv))
         net_syn = train_cnn(xsyn, ysyn, seed=s, steps=args.cnn_steps)
         aucs_syn.append(roc_auc(yva, scores_and_features(net_syn, xva)[0]))
+        net_rt = train_cnn(xrt, ytr, seed=s, steps=args.cnn_steps)
+        aucs_rt.append(roc_auc(yva, scores_and_features(net_rt, xva)[0]))
         _, fs = scores_and_features(net_real, xsyn[fd_idx])
         _, fr = scores_and_features(net_real, xtr[sub])
+        _, frt = scores_and_features(net_real, xrt[sub])
         fds_syn.append(frechet(fs, fv))
         fds_real.append(frechet(fr, fv))
+        fds_rt.append(frechet(frt, fv))
     report["evaluation"] = {
         "cnn_seeds": args.cnn_seeds, "cnn_steps": args.cnn_steps, "val_volumes": int(len(yva)),
         "fd_volumes": int(len(fd_idx)),
@@ -379,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         "auc_real_mean": round(float(np.mean(aucs_real)), 4), "auc_synthetic_mean": round(float(np.mean(aucs_syn)), 4),
         "fd_synthetic_vs_val": round(float(np.mean(fds_syn)), 4), "fd_real_train_vs_val": round(float(np.mean(fds_real)), 4),
         "fd_ratio": round(float(np.mean(fds_syn) / max(np.mean(fds_real), 1e-12)), 2),
+        "auc_vae_round_trip_to_real": [round(a, 4) for a in aucs_rt],
+        "auc_vae_round_trip_mean": round(float(np.mean(aucs_rt)), 4),
+        "fd_vae_round_trip_vs_val": round(float(np.mean(fds_rt)), 4),
     }
     print("evaluation:", json.dumps(report["evaluation"]), flush=True)
     report["peak_rss_mb_eval_process"] = round(_rss_mb(), 1)

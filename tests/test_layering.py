@@ -28,9 +28,10 @@ GENERATOR_LAYERS = {
     "gallery": {"manifest"},
     "demo": set(),
     "checkpoints": {"_utils"},
-    "training": {"_utils", "checkpoints", "data", "models", "manifest"},
+    "recipe": set(),
+    "training": {"_utils", "checkpoints", "data", "models", "manifest", "recipe"},
     "generation": {"_utils", "manifest", "models"},
-    "volumes": {"_utils", "checkpoints", "data", "manifest", "models", "phantoms"},
+    "volumes": {"_utils", "checkpoints", "data", "manifest", "models", "phantoms", "recipe"},
     "stress": {"_utils", "data", "manifest", "models", "generation", "evaluation", "phantoms", "gallery"},
 }
 

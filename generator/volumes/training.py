@@ -1,10 +1,12 @@
 """A compact two-stage trainer for volume models: the 3D VAE, then the 3D UNet on cached latents.
 
-Kept small and separate from the 2D :class:`generator.training.Trainer` on purpose; it follows the same
-conventions (AdamW, EMA of the UNet, classifier-free-guidance prompt dropout, per-step random
-generators, safetensors + JSON checkpoints written atomically, exact resume, step and time budgets)
-and will merge into the shared trainer (accelerate, presets, ``radsynth train --dims 3``) once that
-rewrite lands.
+Its training loop is separate from the 2D :class:`generator.training.Trainer` (which adds
+``accelerate``, streaming from disk and latent caches on disk), but what a UNet step optimises is
+shared: the target, min-SNR weighting, warm-up/cosine learning rate and the EMA of the weights come
+from :mod:`generator.recipe`, and checkpoints use the layout and (de)serialisation of
+:mod:`generator.checkpoints` (AdamW moments, EMA state, checksums, atomic writes). Like the 2D trainer
+it uses classifier-free-guidance prompt dropout, per-step random generators, exact resume, and step
+and time budgets.
 
 Determinism: every random draw of step ``s`` of stage ``k`` (batch indices, posterior noise, timesteps,
 diffusion noise, prompt dropout) comes from ``torch.Generator`` seeded by ``(seed, k, s)``; nothing
@@ -21,7 +23,6 @@ configs and checksums): weights and optimizer moments only, never voxels or late
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidd
 from generator._utils import look_up_option
 from generator.checkpoints import (
     STATE_JSON,
+    ema_from_files,
+    ema_to_files,
     json_plain,
     load_weights,
     optimizer_from_files,
@@ -44,6 +47,7 @@ from generator.checkpoints import (
     write_checkpoint,
 )
 from generator.data.records import IntensityMapping
+from generator.recipe import denoising_loss, denoising_target, unet_ema, warmup_cosine
 from generator.volumes.model_folder import save_volume_model
 from generator.volumes.models import (
     VOLUME_PRESETS,
@@ -57,6 +61,8 @@ from generator.volumes.records import VolumeIngestResult
 __all__ = ["VolumeTrainConfig", "VolumeTrainingData", "VolumeTrainer", "VolumeTrainResult", "VOLUME_TRAIN_PRESETS"]
 
 _STAGES = {"vae": 1, "unet": 2}
+#: Warm-up steps of the UNet learning rate (a tenth of ``unet_steps`` when that is fewer).
+_UNET_WARMUP = 50
 #: ``state.json["kind"]`` of a volume checkpoint (the layout is :mod:`generator.checkpoints`'s).
 CHECKPOINT_KIND = "volume"
 
@@ -74,7 +80,8 @@ class VolumeTrainConfig:
         vae_lr: AdamW learning rate of the VAE.
         unet_lr: AdamW learning rate of the UNet (cosine decay to 10% after a short warm-up).
         kl_weight: Weight of the KL term of the VAE loss (beside L1).
-        ema_decay: EMA decay of the UNet weights (saved weights are the EMA).
+        ema_decay: Decay of the EMA of the UNet weights, reached after a warm-up
+            (:func:`generator.recipe.unet_ema`); the saved UNet weights are the EMA.
         prompt_dropout: Share of UNet steps' prompts replaced by the null prompt ``""``.
         max_minutes: Wall-clock budget of the whole run (``None``: none); the VAE stage gets
             ``vae_share`` of it.
@@ -275,8 +282,8 @@ class VolumeTrainer:
             torch.manual_seed(int(train_config.seed))
             self.vae = build_vae(model_config)
             self.unet = build_unet(model_config, hidden_size(self.encoder))
-        self.ema = build_unet(model_config, hidden_size(self.encoder)).requires_grad_(False)
-        self.ema.load_state_dict(self.unet.state_dict())
+        self.ema = unet_ema(self.unet, train_config.ema_decay)
+        self._unet_names = [n for n, _ in self.unet.named_parameters()]
         self.scheduler = build_noise_scheduler(model_config)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0)
         self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=train_config.unet_lr, weight_decay=0.01)
@@ -311,12 +318,12 @@ class VolumeTrainer:
         weights: dict[str, torch.Tensor] = {}
         for name, net in (("vae", self.vae), ("unet", self.unet)):
             weights.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
-        ema = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+        ema, ema_meta = ema_to_files(self.ema, self._unet_names)
         t1, m1 = _optimizer_tensors(self.vae_opt, "vae_opt")
         t2, m2 = _optimizer_tensors(self.unet_opt, "unet_opt")
         state = {"kind": CHECKPOINT_KIND, **self._identity(), "vae_step": self.vae_step,
                  "unet_step": self.unet_step, "vae_done": self.vae_done, "unet_done": self.unet_done,
-                 "seconds": self.seconds, "scaling_factor": self.scaling_factor,
+                 "seconds": self.seconds, "scaling_factor": self.scaling_factor, "ema": ema_meta,
                  "vae_opt": m1, "unet_opt": m2, "losses": {k: v[-10:] for k, v in self._losses.items()}}
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_checkpoint(self.ckpt_path, {"model.safetensors": weights, "optimizer.safetensors": {**t1, **t2},
@@ -339,7 +346,14 @@ class VolumeTrainer:
         weights = read_checkpoint_tensors(self.ckpt_path, "model.safetensors", state)
         load_weights(self.vae, _prefixed(weights, "vae"), self.ckpt_path)
         load_weights(self.unet, _prefixed(weights, "unet"), self.ckpt_path)
-        load_weights(self.ema, read_checkpoint_tensors(self.ckpt_path, "ema.safetensors", state), self.ckpt_path)
+        if "ema" not in state:
+            raise ValueError(f"{path}: a volume checkpoint of an earlier RadSynth version (its EMA saved as a "
+                             "network), which this version cannot resume; start again in a new output folder")
+        try:
+            ema_from_files(self.ema, read_checkpoint_tensors(self.ckpt_path, "ema.safetensors", state),
+                           state["ema"], self._unet_names)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{self.ckpt_path}: the EMA state does not fit this run: {exc}") from None
         moments = read_checkpoint_tensors(self.ckpt_path, "optimizer.safetensors", state)
         for name, opt in (("vae_opt", self.vae_opt), ("unet_opt", self.unet_opt)):
             opt.load_state_dict(optimizer_from_files(_prefixed(moments, name), state[name], opt.state_dict()))
@@ -384,11 +398,7 @@ class VolumeTrainer:
         self._latents = z * self.scaling_factor
 
     def _unet_lr(self) -> float:
-        warm = max(1, min(50, self.tc.unet_steps // 10))
-        if self.unet_step < warm:
-            return self.tc.unet_lr * (self.unet_step + 1) / warm
-        progress = min(1.0, (self.unet_step - warm) / max(1, self.tc.unet_steps - warm))
-        return self.tc.unet_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return self.tc.unet_lr * warmup_cosine(self.unet_step, self.tc.unet_steps, _UNET_WARMUP)
 
     def _unet_step(self) -> float:
         if self._latents is None:
@@ -403,28 +413,16 @@ class VolumeTrainer:
         drop = torch.rand(b, generator=g) < self.tc.prompt_dropout
         context = torch.where(drop[:, None, None], self._null.expand_as(self._context[idx]), self._context[idx])
         zt = self.scheduler.add_noise(z0, noise, t)
-        target = noise if self.mc.prediction_type == "epsilon" else self.scheduler.get_velocity(z0, noise, t)
+        target = denoising_target(self.scheduler, z0, noise, t, self.mc.prediction_type)
         self.unet.train()
         pred = self.unet(zt, timesteps=t, context=context)
-        if self.tc.snr_gamma > 0:
-            ac = self.scheduler.alphas_cumprod[t].to(torch.float32)
-            snr = ac / (1.0 - ac)
-            base = snr + 1.0 if self.mc.prediction_type == "v_prediction" else snr
-            weight = torch.clamp(snr, max=self.tc.snr_gamma) / base
-            loss = (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
-        else:
-            loss = F.mse_loss(pred, target)
+        loss = denoising_loss(pred, target, t, self.scheduler, self.mc.prediction_type, self.tc.snr_gamma).mean()
         for group in self.unet_opt.param_groups:
             group["lr"] = self._unet_lr()
         self.unet_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.unet_opt.step()
-        with torch.no_grad():
-            d = self.tc.ema_decay
-            for pe, p in zip(self.ema.parameters(), self.unet.parameters()):
-                pe.mul_(d).add_(p.detach(), alpha=1 - d)
-            for be, bb in zip(self.ema.buffers(), self.unet.buffers()):
-                be.copy_(bb)
+        self.ema.step(self.unet.parameters())
         self.unet_step += 1
         return float(loss.detach())
 
@@ -510,5 +508,8 @@ class VolumeTrainer:
                     **asdict(self.tc), "vae_steps_done": self.vae_step, "unet_steps_done": self.unet_step,
                     "seconds": round(self.seconds, 1), "num_volumes": int(self.data.volumes.shape[0])}}
         te = None if self.text_encoder_name in (None, DEFAULT_TEXT_ENCODER) else self.text_encoder_name
-        return save_volume_model(self.output, vae=self.vae, unet=self.ema, scheduler=self.scheduler,
+        averaged = build_unet(self.mc, hidden_size(self.encoder)).requires_grad_(False)
+        averaged.load_state_dict(self.unet.state_dict())
+        self.ema.copy_to(averaged.parameters())
+        return save_volume_model(self.output, vae=self.vae, unet=averaged.eval(), scheduler=self.scheduler,
                                  config=self.mc, info=info, text_encoder=te)

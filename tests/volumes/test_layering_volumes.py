@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ALLOWED_GENERATOR = {"_utils", "checkpoints", "data", "manifest", "models", "phantoms", "volumes"}
+ALLOWED_GENERATOR = {"_utils", "checkpoints", "data", "manifest", "models", "phantoms", "recipe", "volumes"}
 
 
 def test_volume_imports():
