@@ -39,6 +39,8 @@ Examples::
 
     # guidance sweep at DPM-Solver++ 20 steps
     python scripts/bench_sample.py --model bench_out/model --guidance-sweep 1,2,3,5 --skip-speed
+    # guidance only in a band of noise levels (Kynkaenniemi et al. 2024), beside the default row
+    python scripts/bench_sample.py --model bench_out/model --skip-speed --dpm-steps "" --no-ddpm --guidance-intervals 0.5:11,1:inf
 
     # issue 14: defaults vs the stock loop (speed) and vs DPM 20 fp32 (FD), one thread
     python scripts/bench_sample.py --model bench_out/model --out bench_out/i14 --threads 1 \\
@@ -315,14 +317,16 @@ def speed_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ (b) quality
 def generate(pipe: Any, n: int, steps: int, guidance: float, precision: str, batch_size: int,
-             seed: int, label: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``)."""
+             seed: int, label: str, interval: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``); ``interval``: the
+    pipeline's ``guidance_interval``."""
     prompts, labels = prompts_and_labels(n)
     out = []
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         out.append(pipe(prompts[i : i + batch_size], seeds=list(range(seed + i, seed + min(n, i + batch_size))),
-                        num_inference_steps=steps, guidance_scale=guidance, precision=precision).images)
+                        num_inference_steps=steps, guidance_scale=guidance, precision=precision,
+                        guidance_interval=interval).images)
         say(f"  {label}: {min(n, i + batch_size)}/{n} images ({time.perf_counter() - t0:.0f} s)")
     return np.concatenate(out), labels, time.perf_counter() - t0
 
@@ -425,6 +429,9 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_ddpm:
         configs.append({"sampler": "ddpm", "steps": args.ddpm_steps, "guidance": g0, "precision": "fp32",
                         "n": n_ddpm})
+    for lo, hi in args.guidance_intervals:
+        configs.append({"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": g0,
+                        "precision": pipe.resolve_precision("auto"), "n": n_main, "interval": [lo, hi]})
     for g in args.guidance_sweep:
         if g != g0:
             configs.append({"sampler": "dpm", "steps": args.sweep_steps, "guidance": g, "precision": "fp32",
@@ -433,10 +440,12 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     for c in configs:
         c["bf16"] = c["precision"] == "bf16"
         tag = f"{c['sampler']}{c['steps']}_g{c['guidance']:g}_{c['precision']}"
+        if c.get("interval"):
+            tag += "_interval{:g}-{:g}".format(*c["interval"])
         pipe.scheduler = make_sampler(c["sampler"], base_sched)
         say(f"quality: {tag} ({c['n']} images)")
         syn, labels, secs = generate(pipe, c["n"], c["steps"], c["guidance"], c["precision"], args.batch_size,
-                                     args.seed, tag)
+                                     args.seed, tag, interval=c.get("interval"))
         fs = clf.features(syn)
         row = {**c, "tag": tag, "seconds": secs, "images_per_s": c["n"] / secs,
                "fd": {str(n): frechet_distance(fs[:n], fv) for n in sizes if n <= c["n"]},
@@ -524,6 +533,8 @@ def markdown(res: dict[str, Any]) -> str:
                        + " | - | - | - | - | - |")
         for r in q["rows"]:
             name = r["sampler"] + (" (RadSynth default)" if r.get("default") else "")
+            if r.get("interval"):
+                name += " guided at sigma in [{:g}, {:g}]".format(*r["interval"])
             precision = r.get("precision", "bf16" if r.get("bf16") else "fp32")
             out.append(
                 f"| synthetic (N={r['n']}) | {name} | {r['steps']} | {r['guidance']:g} | {precision} | "
@@ -537,6 +548,17 @@ def markdown(res: dict[str, Any]) -> str:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _intervals(text: str) -> list[tuple[float, float]]:
+    """``"0.5:11,1:inf"`` -> ``[(0.5, 11.0), (1.0, inf)]``."""
+    out = []
+    for item in (x for x in text.split(",") if x):
+        lo, sep, hi = item.partition(":")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"an interval must look like LO:HI, got {item!r}")
+        out.append((float(lo), float(hi)))
+    return out
 
 
 def _floats(text: str) -> list[float]:
@@ -576,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=2.0, help="classifier-free guidance (default 2)")
     p.add_argument("--guidance-sweep", type=_floats, default=[], metavar="G1,G2,...",
                    help="also score DPM-Solver++ --sweep-steps at these guidance scales")
+    p.add_argument("--guidance-intervals", type=_intervals, default=[], metavar="LO:HI,...",
+                   help="also score the default sampler with guidance only at noise levels sigma in [LO, HI] "
+                        "(RadSynthPipeline guidance_interval), one row per interval")
     p.add_argument("--sweep-steps", type=int, default=20, help="steps of the guidance sweep (default 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed of samples and classifiers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

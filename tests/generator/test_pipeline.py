@@ -365,3 +365,27 @@ def test_unknown_attribute_layout_is_refused(tmp_path, attr_model):
     (copy / "radsynth.json").write_text(json.dumps({**info, "attributes": "radsynth-attributes-99"}))
     with pytest.raises(ValueError, match="radsynth-attributes-99"):
         load_pipeline(copy, device="cpu")
+
+
+def test_guidance_interval(pipe):
+    """Guidance in a noise interval: an interval holding every step's sigma changes nothing; one that
+    holds none gives the unguided (guidance 1) images; one in between differs from both."""
+    kw = {"seeds": [4, 5], "num_inference_steps": 4, "precision": "fp32", "guidance_scale": 3.0}
+    prompts = ["bright square", "dark field"]
+    full = pipe(prompts, **kw).images
+    np.testing.assert_array_equal(pipe(prompts, guidance_interval=(0.0, float("inf")), **kw).images, full)
+    sigmas = [pipe._sigma(t) for t in pipe.scheduler.timesteps]
+    assert sigmas == sorted(sigmas, reverse=True) and len(sigmas) == 4
+    none = pipe(prompts, guidance_interval=(sigmas[0] + 1.0, sigmas[0] + 2.0), **kw).images
+    unguided = pipe(prompts, **{**kw, "guidance_scale": 1.0}).images
+    np.testing.assert_allclose(none, unguided, atol=1e-5)
+    middle = pipe(prompts, guidance_interval=(sigmas[2], sigmas[1]), **kw).images
+    assert np.abs(middle - full).max() > 1e-4 and np.abs(middle - unguided).max() > 1e-4
+    alone = pipe(prompts[1:], guidance_interval=(sigmas[2], sigmas[1]), **{**kw, "seeds": [5]}).images
+    np.testing.assert_allclose(alone[0], middle[1], atol=1e-5)  # still batch invariant
+
+
+@pytest.mark.parametrize("bad", [(1.0, 0.5), (-1.0, 2.0), (float("nan"), 1.0), (1.0,), "ab"])
+def test_guidance_interval_errors(pipe, bad):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        pipe(["bright square"], num_inference_steps=2, guidance_interval=bad)
