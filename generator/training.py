@@ -59,7 +59,6 @@ import platform
 import random
 import shutil
 import time
-from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping
@@ -70,13 +69,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from conditioning.attributes import ATTRIBUTE_SCHEMA, prompt_vectors
 from conditioning.prompts import paraphrase_prompt
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
-from generator._utils import best_device, cpu_only
+from generator._utils import (
+    MIXED_PRECISION,
+    best_device,
+    bf16_supported,  # noqa: F401 - part of this module's interface (bench_train, tests)
+    cpu_only,
+    resolve_mixed_precision,
+    training_autocast,
+)
 from generator.checkpoints import (
     CHECKPOINT_FORMAT,
     STATE_JSON,
@@ -115,8 +120,6 @@ from generator.models.samplers import make_sampler
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.
 StepHook = Callable[[str, int], None]
 
-#: Values of ``mixed_precision``; ``"auto"`` picks ``"bf16"`` where the hardware runs it natively.
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 #: Version of the checkpoint layout (``state.json`` ``"format"``).
 
@@ -140,37 +143,6 @@ def _package_version() -> str:
         return version("radsynth")
     except PackageNotFoundError:
         return "unknown"
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Whether ``device`` computes in bfloat16 natively (CUDA with bf16; CPUs with AMX or AVX512-BF16).
-
-    CPUs without those instructions emulate bfloat16 and are slower than float32, so this says no.
-    """
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-    return False
-
-
-def resolve_mixed_precision(value: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"bf16"`` where :func:`bf16_supported`, else ``"no"``; other values unchanged.
-
-    Raises:
-        ValueError: ``value`` is not one of :data:`MIXED_PRECISION`, or ``"bf16"`` on a device that
-            does not support it natively.
-    """
-    if value not in MIXED_PRECISION:
-        raise ValueError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got {value!r}")
-    if value == "auto":
-        return "bf16" if bf16_supported(device) else "no"
-    if value == "bf16" and not bf16_supported(device):
-        raise ValueError(
-            f"mixed_precision 'bf16' needs a device with native bfloat16 ({device} has none); use 'no'"
-        )
-    return value
 
 
 @dataclass
@@ -605,14 +577,7 @@ class Trainer:
         bf16 autocast is applied here rather than by ``accelerate``, whose process-wide state would
         refuse a second Trainer with another ``mixed_precision`` in the same process.
         """
-        if self.mixed_precision != "bf16":
-            return nullcontext()
-        stack = ExitStack()
-        device = self.accelerator.device
-        stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-        if device.type == "cpu":
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        return stack
+        return training_autocast(self.mixed_precision, self.accelerator.device)
 
     def _say(self, msg: str) -> None:
         if self._main and self.progress:

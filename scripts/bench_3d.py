@@ -77,6 +77,7 @@ def train_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     from generator.volumes.models import get_volume_preset
     from generator.volumes.records import IntensityMapping
+    from generator._utils import resolve_mixed_precision
     from generator.volumes.training import VolumeTrainConfig, VolumeTrainer, VolumeTrainingData
 
     x, y = _load("train", args.resolution)
@@ -89,7 +90,8 @@ def train_child(args: argparse.Namespace) -> None:
                             batch_size=args.batch_size, unet_batch_size=args.unet_batch_size,
                             max_minutes=args.train_minutes, vae_share=args.vae_share, checkpoint_every=50,
                             unet_lr=args.unet_lr, vae_lr=args.vae_lr, ema_decay=args.ema_decay,
-                            vae_fg_weight=args.vae_fg_weight, snr_gamma=args.snr_gamma)
+                            vae_fg_weight=args.vae_fg_weight, snr_gamma=args.snr_gamma,
+                            mixed_precision=resolve_mixed_precision(args.mixed_precision, torch.device("cpu")))
     model_config = get_volume_preset(args.preset)
     if args.prediction_type:
         model_config = replace(model_config, prediction_type=args.prediction_type)
@@ -110,7 +112,7 @@ def train_child(args: argparse.Namespace) -> None:
         "vae_volumes_per_s": rate(stamps["vae"], cfg.batch_size),
         "unet_latents_per_s": rate(stamps["unet"], cfg.unet_batch_size),
         "vae_loss": res.vae_loss, "unet_loss": res.unet_loss, "peak_rss_mb": round(_rss_mb(), 1),
-        "finished": res.finished,
+        "finished": res.finished, "mixed_precision": cfg.mixed_precision,
     }), flush=True)
 
 
@@ -122,7 +124,7 @@ def run_train(args: argparse.Namespace, resolution: int, model: Path, minutes: f
            "--unet-batch-size", str(args.unet_batch_size), "--vae-share", str(args.vae_share),
            "--unet-lr", str(args.unet_lr), "--vae-lr", str(args.vae_lr), "--ema-decay", str(args.ema_decay), "--limit", str(limit),
            "--vae-fg-weight", str(args.vae_fg_weight), "--snr-gamma", str(args.snr_gamma),
-           "--prediction-type", args.prediction_type]
+           "--prediction-type", args.prediction_type, "--mixed-precision", args.mixed_precision]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-fg-weight", type=float, default=1.0,
                    help="intensity-weighted VAE L1 (VolumeTrainConfig.vae_fg_weight; 1 = plain L1)")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma UNet loss weighting (0 = off)")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
+                   help="training arithmetic: auto (default, as radsynth train: bf16 where the CPU has it), "
+                        "no (float32; the runs before the seventh session), bf16")
     p.add_argument("--num-synthetic", type=int, default=160)
     p.add_argument("--balanced", action="store_true",
                    help="prompt half the synthetic volumes as hyperplasia (default: the training split's class ratio)")

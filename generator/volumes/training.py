@@ -26,14 +26,14 @@ import csv
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
-from generator._utils import look_up_option
+from generator._utils import look_up_option, training_autocast
 from generator.checkpoints import (
     STATE_JSON,
     ema_from_files,
@@ -90,6 +90,11 @@ class VolumeTrainConfig:
         vae_fg_weight: Intensity weighting of the VAE's L1 term: a voxel of model value ``v`` in
             ``[0, 1]`` weighs ``1 + (vae_fg_weight - 1) * v`` (1: plain L1). Small bright structures
             (masks with ~2 % foreground) are otherwise reconstructed as empty background.
+        mixed_precision: ``"no"`` (float32) or ``"bf16"``: forward passes of both stages under bfloat16
+            autocast (:func:`generator._utils.training_autocast`), weights, optimizer and losses in
+            float32; needs native bfloat16 (the caller resolves ``"auto"`` with
+            :func:`generator._utils.resolve_mixed_precision`). On this CPU (AMX) bf16 made the ``lean``
+            VAE and UNet steps 2.5-2.7x faster (README, Volumes).
         snr_gamma: Min-SNR-gamma weighting of the UNet loss (Hang et al. 2023): per-sample weight
             ``min(SNR(t), gamma) / SNR(t)`` for epsilon, ``min(SNR(t), gamma) / (SNR(t) + 1)`` for
             v-prediction; ``0`` turns it off (plain MSE).
@@ -113,8 +118,11 @@ class VolumeTrainConfig:
     checkpoint_every: int = 100
     vae_fg_weight: float = 1.0
     snr_gamma: float = 0.0
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no' or 'bf16' for volumes, got {self.mixed_precision!r}")
         for name in ("vae_steps", "unet_steps"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -363,15 +371,20 @@ class VolumeTrainer:
         self._losses = {k: list(v) for k, v in state.get("losses", {}).items()} or self._losses
 
     # ------------------------------------------------------------------------------ steps
+    def _autocast(self) -> ContextManager[Any]:
+        return training_autocast(self.tc.mixed_precision, torch.device("cpu"))
+
     def _vae_step(self) -> float:
         g = _generator(self.tc.seed, "vae", self.vae_step)
         n = self.data.volumes.shape[0]
         idx = torch.randint(0, n, (self.tc.batch_size,), generator=g)
         x = torch.from_numpy(self.data.volumes[idx.numpy()]).unsqueeze(1) * 2.0 - 1.0
         self.vae.train()
-        z_mu, z_sigma = self.vae.encode(x)
-        eps = torch.randn(z_mu.shape, generator=g)
-        rec = self.vae.decode(z_mu + z_sigma * eps)
+        with self._autocast():
+            z_mu, z_sigma = self.vae.encode(x)
+            eps = torch.randn(z_mu.shape, generator=g)
+            rec = self.vae.decode(z_mu + z_sigma * eps)
+        z_mu, z_sigma, rec = z_mu.float(), z_sigma.float(), rec.float()
         kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).flatten(1).sum(1).mean()
         if self.tc.vae_fg_weight != 1.0:  # intensity-weighted L1 (x in [-1, 1] -> weight 1 .. vae_fg_weight)
             w = 1.0 + (self.tc.vae_fg_weight - 1.0) * (x + 1.0) / 2.0
@@ -415,7 +428,8 @@ class VolumeTrainer:
         zt = self.scheduler.add_noise(z0, noise, t)
         target = denoising_target(self.scheduler, z0, noise, t, self.mc.prediction_type)
         self.unet.train()
-        pred = self.unet(zt, timesteps=t, context=context)
+        with self._autocast():
+            pred = self.unet(zt, timesteps=t, context=context)
         loss = denoising_loss(pred, target, t, self.scheduler, self.mc.prediction_type, self.tc.snr_gamma).mean()
         for group in self.unet_opt.param_groups:
             group["lr"] = self._unet_lr()

@@ -118,8 +118,9 @@ def run_train_3d(args: argparse.Namespace) -> int:
 
     Reads ``data``, ``output``, ``resolution``, ``preset``, ``spacing``, ``max_minutes``, ``max_steps``
     (upper bound of the steps of each stage: VAE default 200, UNet 1000), ``seed``, ``learning_rate``
-    (UNet), ``checkpoint_every``, ``prediction_type``, ``text_encoder``, ``resume``, ``overwrite``,
-    ``keep_checkpoints``, ``quiet``; refuses 2D-only flags that would be silently ignored.
+    (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the CPU
+    has it natively; ``no``; ``bf16``), ``text_encoder``, ``resume``, ``overwrite``, ``keep_checkpoints``,
+    ``quiet``; refuses 2D-only flags that would be silently ignored.
 
     Raises:
         ValueError: a bad or unsupported flag (named), or a data folder without usable volumes.
@@ -132,13 +133,13 @@ def run_train_3d(args: argparse.Namespace) -> int:
                "--attribute-conditioning": "the volume UNet conditions on the text states only",
                "--reports-csv": "volumes carry their own texts",
                "--gradient-accumulation-steps": "the volume trainer steps once per batch",
-               "--mixed-precision": "volumes train in float32"}
+               "--mixed-precision": "volumes train in float32 or bf16 (no fp16 gradient scaler)"}
     for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
                             ("--label-text", "label_text", bool),
                             ("--attribute-conditioning", "attribute_conditioning", bool),
                             ("--reports-csv", "reports_csv", lambda v: v is not None),
                             ("--gradient-accumulation-steps", "gradient_accumulation_steps", lambda v: v not in (None, 1)),
-                            ("--mixed-precision", "mixed_precision", lambda v: v in ("fp16", "bf16"))):
+                            ("--mixed-precision", "mixed_precision", lambda v: v == "fp16")):
         value = get(name)
         if bad(value):
             raise ValueError(f"{flag} {value!r} is not supported with --dims 3 ({why_not[flag]})")
@@ -178,6 +179,14 @@ def run_train_3d(args: argparse.Namespace) -> int:
         train_kwargs["unet_lr"] = float(get("learning_rate"))
     if get("checkpoint_every") is not None:
         train_kwargs["checkpoint_every"] = int(get("checkpoint_every"))
+    import torch
+
+    from generator._utils import resolve_mixed_precision
+
+    try:  # the volume trainer runs on the CPU
+        train_kwargs["mixed_precision"] = resolve_mixed_precision(get("mixed_precision") or "auto", torch.device("cpu"))
+    except ValueError as exc:
+        raise ValueError(f"--mixed-precision: {exc}") from None
     train_config = VolumeTrainConfig.for_preset(preset_name, **train_kwargs)
     data_dir = Path(get("data"))
     if not data_dir.is_dir():

@@ -114,6 +114,7 @@ def test_phantoms_dims3_writes_valid_nifti(phantoms, capsys):
     (["--spacing", "a,b"], "--spacing"),
     (["--init-from", "x"], "--init-from"),
     (["--max-steps", "0"], "--max-steps"),
+    (["--mixed-precision", "fp16"], "--mixed-precision"),
 ])
 def test_train_dims3_bad_flags_fail_before_writing(tmp_path, phantoms, flags, needle, capsys):
     out = tmp_path / "m"
