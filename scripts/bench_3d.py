@@ -23,6 +23,10 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --train-minutes 10 --threads 1 --out /tmp/bench3d
 
+float32 against bf16 training steps of the ``lean`` networks (5 alternating rounds)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --preset lean --unet-batch-size 8 --step-timing 5
+
 The ``lean`` recipe (docs/volumes.md, Benchmark; ``VolumeTrainConfig.for_preset("lean")`` in Python)::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --train-minutes 30 --vae-share 0.25 \
@@ -114,6 +118,52 @@ def train_child(args: argparse.Namespace) -> None:
         "vae_loss": res.vae_loss, "unet_loss": res.unet_loss, "peak_rss_mb": round(_rss_mb(), 1),
         "finished": res.finished, "mixed_precision": cfg.mixed_precision,
     }), flush=True)
+
+
+def step_timing(args: argparse.Namespace, rounds: int) -> dict:
+    """Seconds per training step of the preset's VAE (``--batch-size`` volumes of 32^3) and UNet
+    (``--unet-batch-size`` latents, 12 text tokens) in float32 and in bf16 autocast
+    (:func:`generator._utils.training_autocast`), forward + backward on random inputs; the two precisions
+    alternate in each of ``rounds`` rounds of 3 steps, so both see the same load. Median over rounds."""
+    import torch
+
+    from generator._utils import training_autocast
+    from generator.volumes.models import build_unet, build_vae, get_volume_preset
+
+    torch.manual_seed(0)
+    mc = get_volume_preset(args.preset)
+    vae, unet = build_vae(mc), build_unet(mc, 384)
+    x = torch.rand(args.batch_size, 1, 32, 32, 32) * 2 - 1
+    z = torch.randn(args.unet_batch_size, *mc.latent_shape((32, 32, 32)))
+    ctx, t = torch.randn(args.unet_batch_size, 12, 384), torch.randint(0, 1000, (args.unet_batch_size,))
+
+    def vae_step(mp: str) -> None:
+        with training_autocast(mp, torch.device("cpu")):
+            mu, sigma = vae.encode(x)
+            rec = vae.decode(mu + sigma * torch.randn_like(mu))
+        (rec.float() - x).abs().mean().backward()
+
+    def unet_step(mp: str) -> None:
+        with training_autocast(mp, torch.device("cpu")):
+            pred = unet(z, timesteps=t, context=ctx)
+        (pred.float() - z).pow(2).mean().backward()
+
+    out: dict = {"preset": args.preset, "rounds": rounds, "vae_batch": args.batch_size,
+                 "unet_batch": args.unet_batch_size}
+    for name, fn in (("vae", vae_step), ("unet", unet_step)):
+        times: dict[str, list[float]] = {"no": [], "bf16": []}
+        for mp in times:
+            fn(mp)  # warm-up
+        for _ in range(rounds):
+            for mp in times:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    fn(mp)
+                times[mp].append((time.perf_counter() - t0) / 3)
+        med = {mp: float(np.median(v)) for mp, v in times.items()}
+        out[name] = {"fp32_s": round(med["no"], 4), "bf16_s": round(med["bf16"], 4),
+                     "speedup": round(med["no"] / med["bf16"], 2)}
+    return out
 
 
 def run_train(args: argparse.Namespace, resolution: int, model: Path, minutes: float, vae_steps: int,
@@ -299,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-64", action="store_true",
                    help="also a 64^3 speed/RSS probe (4 VAE + 4 UNet steps on 32 training volumes)")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/model32")
+    p.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
+                   help="only time float32 against bf16 VAE and UNet steps of --preset (ROUNDS alternating "
+                        "rounds), print them and exit")
     # internal: the training child
     p.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resolution", type=int, default=32, help=argparse.SUPPRESS)
@@ -317,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
                     "spacing_note": "AdrenalMNIST3D has no spacing: treated as 1 mm isotropic at 64^3 (2 mm at 32^3)",
                     "torch": torch.__version__}
     print(f"threads={args.threads} (torch.set_num_threads and OMP_NUM_THREADS in the training child)", flush=True)
+    if args.step_timing:
+        report["step_timing"] = step_timing(args, args.step_timing)
+        print("step timing:", json.dumps(report["step_timing"]), flush=True)
+        (args.out / "step_timing.json").write_text(json.dumps(report, indent=2) + "\n")
+        return 0
 
     # 4 first: it is quick and independent of training
     with tempfile.TemporaryDirectory() as tmp:
