@@ -8,7 +8,9 @@ One definition of what a UNet step optimises and how its weights are averaged, s
 - :func:`denoising_loss`: per-sample mean squared error, optionally weighted by min-SNR-gamma
   (Hang et al. 2023, via ``diffusers.training_utils.compute_snr``);
 - :func:`warmup_cosine`: linear warm-up, then cosine decay to 10% of the peak learning rate;
-- :func:`unet_ema`: the exponential moving average of the UNet's weights that the model folder keeps.
+- :func:`unet_ema`: the exponential moving average of the UNet's weights that the model folder keeps;
+- :class:`StepPlan`: how many steps a stage under a wall-clock budget gets, refitted from its measured
+  speed, so the cosine above ends when the clock does.
 
 Shapes are generic: latents ``(B, C, *spatial)`` with any number of spatial axes (2 for images, 3 for
 volumes); timesteps ``(B,)`` integers in ``[0, num_train_timesteps)``.
@@ -17,12 +19,14 @@ volumes); timesteps ``(B,)`` integers in ``[0, num_train_timesteps)``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 
-__all__ = ["PREDICTION_TYPES", "denoising_target", "denoising_loss", "warmup_cosine", "unet_ema"]
+__all__ = ["PREDICTION_TYPES", "denoising_target", "denoising_loss", "warmup_cosine", "unet_ema", "StepPlan",
+           "SCHEDULE_FITS"]
 
 #: What the UNet can be trained to predict.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -106,3 +110,50 @@ def unet_ema(model: torch.nn.Module, decay: float) -> EMAModel:
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {decay!r}")
     return EMAModel(model.parameters(), decay=decay, use_ema_warmup=True, power=2 / 3)
+
+
+#: How many times a time-budgeted stage fits its schedule to the remaining time (see :class:`StepPlan`).
+SCHEDULE_FITS = 3
+
+
+@dataclass
+class StepPlan:
+    """Step budget of one training stage.
+
+    ``total`` is the number of steps the learning-rate schedule spans. Under a time budget
+    (``deadline`` given, in the caller's clock: ``time.monotonic()`` or seconds of training) it is
+    refitted from the speed measured so far: 20 steps after :meth:`begin`, then half-way to the fitted
+    end, then half-way again (:data:`SCHEDULE_FITS` fits; ``fits`` so far, the next at step
+    ``next_fit``, measured from ``fit_step`` at ``fit_time``). Without a deadline it never changes.
+    """
+
+    total: int
+    deadline: float | None = None
+    fits: int = 0
+    next_fit: int = -1
+    fit_step: int = -1
+    fit_time: float = 0.0
+
+    def begin(self, step: int, now: float) -> None:
+        """Start measuring at ``step`` (the stage's first step of this run) and time ``now``."""
+        if self.fits == 0:
+            self.next_fit, self.fit_step, self.fit_time = step + 20, step, now
+
+    def due(self, step: int) -> bool:
+        """Whether the plan should be refitted after ``step``."""
+        return self.deadline is not None and self.fits < SCHEDULE_FITS and step == self.next_fit
+
+    def estimate(self, step: int, now: float) -> int:
+        """The step the clock will reach ``deadline`` at, at the speed since the last fit (3% margin)."""
+        if self.deadline is None:
+            return self.total
+        rate = (step - self.fit_step) / max(now - self.fit_time, 1e-9)
+        return step + max(1, int(max(0.0, self.deadline - now) * rate * 0.97))
+
+    def refit(self, total: int, step: int, now: float) -> None:
+        """Adopt ``total`` (an :meth:`estimate`, possibly capped or agreed between processes) after
+        ``step`` at ``now``, and schedule the next fit half-way to it."""
+        self.total = int(total)
+        self.fits += 1
+        self.fit_step, self.fit_time = step, now
+        self.next_fit = step + max(5, (self.total - step) // 2)

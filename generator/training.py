@@ -104,7 +104,7 @@ from generator.models.build import (
     attribute_embedding_config, build_noise_scheduler, build_unet, build_vae, takes_attributes,
 )
 from generator.models.config import TrainConfig
-from generator.recipe import denoising_loss, denoising_target, unet_ema, warmup_cosine
+from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
 from generator.models.model_folder import (
     ModelInfo,
     absolute_paths,
@@ -125,8 +125,6 @@ StepHook = Callable[[str, int], None]
 
 _PARAPHRASES_PER_RECORD = 3
 _LOG_EVERY = 10
-#: How many times a time-budgeted stage fits its schedule to the remaining time (see :class:`_Plan`).
-_SCHEDULE_FITS = 3
 _RUN_JSON = "run.json"
 #: Sub-folder of the workspace that holds a prepared copy of a raw source (``--stream-from-disk``).
 PREPARED_DIR = "prepared"
@@ -162,20 +160,6 @@ class TrainResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class _Plan:
-    """Step budget of one stage. Under a time budget ``total`` is fitted to the deadline from the speed
-    measured so far: after 20 steps of this run, then half-way to the fitted end, then half-way again
-    (``fits`` so far; the next at step ``next_fit``, measured from ``fit_step`` at ``fit_time``)."""
-
-    total: int
-    deadline: float | None  # time.monotonic() value, or None
-    fits: int = 0
-    next_fit: int = -1
-    fit_step: int = -1
-    fit_time: float = 0.0
-
-
 def _step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generator:
     stage_id = {"vae": 1, "unet": 2}[stage]
     value = ((seed * 1_000_003 + stage_id) * 1_000_033 + step) * 64 + rank
@@ -208,7 +192,7 @@ def _init_architecture(unet: Mapping[str, Any], vae: Mapping[str, Any] | None, r
     return out
 
 
-def _lr_lambda(plan: _Plan, warmup: int) -> Callable[[int], float]:
+def _lr_lambda(plan: StepPlan, warmup: int) -> Callable[[int], float]:
     """:func:`generator.objective.warmup_cosine` over the plan's current ``total`` (refitted under a
     time budget, so the schedule reads it at every step)."""
     return lambda step: warmup_cosine(step, plan.total, warmup)
@@ -583,7 +567,7 @@ class Trainer:
         if self._main and self.progress:
             tqdm.write(msg)
 
-    def _plan(self, stage: str, default_steps: int, start: float) -> _Plan:
+    def _plan(self, stage: str, default_steps: int, start: float) -> StepPlan:
         """Steps and deadline of a stage: ``max_steps`` if given; else, under a time budget, as many
         as the clock allows (the VAE gets ``vae_share`` of it); else the preset's default."""
         if self.max_steps is not None:
@@ -596,7 +580,7 @@ class Trainer:
         if self.max_minutes is not None:
             budget = self.max_minutes * 60.0
             deadline = start + budget * self.config.vae_share if stage == "vae" else self.run_start + budget
-        return _Plan(total=total, deadline=deadline)
+        return StepPlan(total=total, deadline=deadline)
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -1050,7 +1034,7 @@ class Trainer:
     def _start_stage(
         self, stage: str, model: torch.nn.Module, lr: float, weight_decay: float, default_steps: int,
         start: float, ema: EMAModel | None = None,
-    ) -> tuple[Any, Any, Any, _Plan, int]:
+    ) -> tuple[Any, Any, Any, StepPlan, int]:
         """AdamW + warm-up/cosine schedule, prepared by ``accelerate``; resumed from the stage's latest
         checkpoint when asked. Returns ``(model, optimizer, scheduler, plan, first_step)``."""
         plan = self._plan(stage, default_steps, start)
@@ -1065,7 +1049,7 @@ class Trainer:
         self.log.start(stage, plan.total if plan.total < 10**7 else None, step)
         return model, opt, sched, plan, step
 
-    def _out_of_time(self, stage: str, plan: _Plan, step: int, first_step: int) -> bool:
+    def _out_of_time(self, stage: str, plan: StepPlan, step: int, first_step: int) -> bool:
         """Whether the stage's clock has run out (never before its first step of this run)."""
         if plan.deadline is None or step == first_step:
             return False
@@ -1079,7 +1063,7 @@ class Trainer:
         return stop
 
     # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, stage: str, step: int, plan: _Plan, model: Any, opt: Any, sched: Any,
+    def _save_checkpoint(self, stage: str, step: int, plan: StepPlan, model: Any, opt: Any, sched: Any,
                          ema: EMAModel | None) -> None:
         """Write ``<workspace>/<stage>-<step>`` (main process) and delete the stage's older ones."""
         acc = self.accelerator
@@ -1105,7 +1089,7 @@ class Trainer:
                     shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
-    def _maybe_resume(self, stage: str, plan: _Plan, model: Any, opt: Any, sched: Any, ema: EMAModel | None) -> int:
+    def _maybe_resume(self, stage: str, plan: StepPlan, model: Any, opt: Any, sched: Any, ema: EMAModel | None) -> int:
         """Load the stage's latest checkpoint into the prepared objects; returns its step (0: none).
 
         Raises:
@@ -1135,7 +1119,7 @@ class Trainer:
         return int(state["step"])
 
     def _after_step(
-        self, stage: str, step: int, plan: _Plan, losses: list[float], t0: float, s0: int,
+        self, stage: str, step: int, plan: StepPlan, losses: list[float], t0: float, s0: int,
         batch: int, sched: Any, model: Any, opt: Any, ema: EMAModel | None = None,
     ) -> None:
         acc = self.accelerator
@@ -1145,22 +1129,15 @@ class Trainer:
         # twice more half-way to the fitted end, each time from the speed since the previous fit, so that
         # a slow start (another job holding the cores while the run warmed up) does not end the run long
         # before its deadline (the learning rate moves a little at each fit).
-        if plan.fits == 0:
-            plan.next_fit, plan.fit_step, plan.fit_time = s0 + 20, s0, t0
-        if (plan.deadline is not None and self.max_steps is None and plan.fits < _SCHEDULE_FITS
-                and step == plan.next_fit):
+        plan.begin(s0, t0)
+        if self.max_steps is None and plan.due(step):
             now = time.monotonic()
-            recent = (step - plan.fit_step) / max(now - plan.fit_time, 1e-9)
-            remaining = max(0.0, plan.deadline - now)
-            total = [step + max(1, int(remaining * recent * 0.97))]
+            total = [plan.estimate(step, now)]
             if acc.num_processes > 1:  # the main process's estimate for all (same schedule everywhere)
                 from accelerate.utils import broadcast_object_list
 
                 broadcast_object_list(total, from_process=0)
-            plan.total = int(total[0])
-            plan.fits += 1
-            plan.fit_step, plan.fit_time = step, now
-            plan.next_fit = step + max(5, (plan.total - step) // 2)
+            plan.refit(int(total[0]), step, now)
             if self.log.bar is not None:
                 self.log.bar.total = plan.total
         self.log.step(1, loss=f"{losses[-1]:.4f}")

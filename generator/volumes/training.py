@@ -47,7 +47,7 @@ from generator.checkpoints import (
     write_checkpoint,
 )
 from generator.data.records import IntensityMapping
-from generator.recipe import denoising_loss, denoising_target, unet_ema, warmup_cosine
+from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
 from generator.volumes.model_folder import save_volume_model
 from generator.volumes.models import (
     VOLUME_PRESETS,
@@ -84,7 +84,8 @@ class VolumeTrainConfig:
             (:func:`generator.recipe.unet_ema`); the saved UNet weights are the EMA.
         prompt_dropout: Share of UNet steps' prompts replaced by the null prompt ``""``.
         max_minutes: Wall-clock budget of the whole run (``None``: none); the VAE stage gets
-            ``vae_share`` of it.
+            ``vae_share`` of it. The UNet's cosine schedule is then fitted to the steps the clock allows
+            (:class:`generator.recipe.StepPlan`, at most ``unet_steps``), as in the 2D trainer.
         vae_share: Share of ``max_minutes`` for the VAE stage.
         checkpoint_every: Steps between checkpoints (and at the end of each stage/run).
         vae_fg_weight: Intensity weighting of the VAE's L1 term: a voxel of model value ``v`` in
@@ -296,6 +297,8 @@ class VolumeTrainer:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=train_config.vae_lr, weight_decay=0.0)
         self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=train_config.unet_lr, weight_decay=0.01)
         self.vae_step = self.unet_step = 0
+        #: Steps the UNet's LR schedule spans: ``unet_steps``, or fewer when a time budget ends first.
+        self._unet_plan = StepPlan(total=int(train_config.unet_steps))
         self.vae_done = self.unet_done = False
         self.seconds = 0.0
         self.scaling_factor: float | None = None
@@ -332,6 +335,7 @@ class VolumeTrainer:
         state = {"kind": CHECKPOINT_KIND, **self._identity(), "vae_step": self.vae_step,
                  "unet_step": self.unet_step, "vae_done": self.vae_done, "unet_done": self.unet_done,
                  "seconds": self.seconds, "scaling_factor": self.scaling_factor, "ema": ema_meta,
+                 "unet_plan_total": self._unet_plan.total,
                  "vae_opt": m1, "unet_opt": m2, "losses": {k: v[-10:] for k, v in self._losses.items()}}
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         write_checkpoint(self.ckpt_path, {"model.safetensors": weights, "optimizer.safetensors": {**t1, **t2},
@@ -368,6 +372,7 @@ class VolumeTrainer:
         self.vae_step, self.unet_step = int(state["vae_step"]), int(state["unet_step"])
         self.vae_done, self.unet_done = bool(state["vae_done"]), bool(state["unet_done"])
         self.seconds, self.scaling_factor = float(state["seconds"]), state["scaling_factor"]
+        self._unet_plan.total = int(state.get("unet_plan_total", self.tc.unet_steps))
         self._losses = {k: list(v) for k, v in state.get("losses", {}).items()} or self._losses
 
     # ------------------------------------------------------------------------------ steps
@@ -411,7 +416,7 @@ class VolumeTrainer:
         self._latents = z * self.scaling_factor
 
     def _unet_lr(self) -> float:
-        return self.tc.unet_lr * warmup_cosine(self.unet_step, self.tc.unet_steps, _UNET_WARMUP)
+        return self.tc.unet_lr * warmup_cosine(self.unet_step, self._unet_plan.total, _UNET_WARMUP)
 
     def _unet_step(self) -> float:
         if self._latents is None:
@@ -482,11 +487,19 @@ class VolumeTrainer:
                     self._save_checkpoint()
             if self.vae_done and not self.unet_done:
                 self._cache_latents()
+                # under a time budget, the LR schedule is fitted to the steps the clock allows
+                plan = self._unet_plan
+                plan.deadline = budget
+                plan.begin(self.unet_step, elapsed())
             while self.vae_done and not self.unet_done and not stop():
-                if self.unet_step >= self.tc.unet_steps or (budget and elapsed() >= budget):
+                if self.unet_step >= self._unet_plan.total or (budget and elapsed() >= budget):
                     self.unet_done = True
                     break
                 loss = self._unet_step()
+                if self._unet_plan.due(self.unet_step):
+                    now = elapsed()
+                    self._unet_plan.refit(min(self.tc.unet_steps, self._unet_plan.estimate(self.unet_step, now)),
+                                          self.unet_step, now)
                 ran += 1
                 self._losses["unet"].append(loss)
                 log.writerow(["unet", self.unet_step, f"{loss:.6g}", f"{elapsed():.2f}"])
@@ -498,7 +511,7 @@ class VolumeTrainer:
                     if self.progress:
                         print(f"unet step {self.unet_step}: loss {np.mean(self._losses['unet'][-10:]):.4f} "
                               f"({elapsed():.0f} s)", flush=True)
-            if self.vae_done and not self.unet_done and self.unet_step >= self.tc.unet_steps:
+            if self.vae_done and not self.unet_done and self.unet_step >= self._unet_plan.total:
                 self.unet_done = True
         self.seconds = elapsed()
         self._save_checkpoint()

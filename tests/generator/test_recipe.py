@@ -88,3 +88,22 @@ def test_unet_ema_warms_up_then_holds_its_decay():
     assert float(net.weight.detach()[0, 0] - ema.shadow_params[0][0, 0]) == pytest.approx(9.0, abs=0.5)
     with pytest.raises(ValueError, match="ema_decay.*1.5"):
         unet_ema(net, 1.5)
+
+
+def test_step_plan_fits_the_schedule_to_the_clock():
+    from generator.recipe import SCHEDULE_FITS, StepPlan
+
+    plan = StepPlan(total=10**7, deadline=100.0)  # 100 s of training from t = 0, 2 steps per second
+    plan.begin(0, 0.0)
+    fits = []
+    for step in range(1, 10**4):
+        now = step / 2.0
+        if plan.due(step):
+            plan.refit(plan.estimate(step, now), step, now)
+            fits.append((step, plan.total))
+        if step >= plan.total:
+            break
+    assert len(fits) == SCHEDULE_FITS and fits[0][0] == 20
+    assert all(190 <= total <= 200 for _, total in fits)  # 2 steps/s for 100 s, a 3% margin
+    assert StepPlan(total=50).due(20) is False  # no deadline: the plan never changes
+    assert StepPlan(total=50).estimate(10, 1.0) == 50
