@@ -13,7 +13,7 @@ Three classifiers of "pleural effusion", each a model the stress test knows noth
 Spec: "frontal chest radiograph, {finding}, 60 year old {sex}", finding in {no acute findings, moderate
 left pleural effusion, moderate right pleural effusion} (labels 0/1/1) x sex in {woman, man}; ``--seeds``
 seeds per cell; ``regions: phantom``. Sources: ``phantoms`` (exact counterfactuals, no generator error)
-and ``demo`` (the bundled demo model, DPM-Solver++ ``--steps`` steps, guidance 3). Expected: (a) flagged
+and ``demo`` (the bundled demo model, DPM-Solver++ ``--steps`` steps, the demo's guidance from its ``radsynth.json``). Expected: (a) flagged
 by its flip rate under the sex change, (b) by the left-vs-right sensitivity gap, (c) not flagged.
 
     OMP_NUM_THREADS=1 python scripts/bench_stress.py --threads 1 --seeds 32 --out bench_stress
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from generator._utils import torch_threads
-from generator.demo import DEMO_TRAINING, bundled_model_path
+from generator.demo import bundled_model_path, demo_settings
 from generator.phantoms import render_phantom
 from generator.stress import PhantomSource, StressSpec, UserClassifier, run_stress_test
 from generator.stress.reference_models import BrightnessShortcut
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 pipe, info = load_pipeline(bundled_model_path(), device="cpu")
                 pipe.scheduler = make_sampler("dpm", pipe.scheduler)
-                source = DiffusionSource(pipe, info, steps=args.steps, guidance_scale=DEMO_TRAINING["guidance_scale"])
+                guidance = float(demo_settings(info.path)[1]["guidance_scale"])  # the demo's, from radsynth.json
+                source = DiffusionSource(pipe, info, steps=args.steps, guidance_scale=guidance)
                 source.check_spec(spec)
             else:
                 raise ValueError(f"--sources: unknown source {source_name!r} (phantoms, demo)")

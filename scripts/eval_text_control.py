@@ -48,7 +48,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from conditioning.prompts import build_prompt  # noqa: E402
-from generator.demo import bundled_model_path  # noqa: E402
+from generator.demo import bundled_model_path, demo_settings  # noqa: E402
 from generator.manifest import atomic_write_text  # noqa: E402
 from generator.models.samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, Sampler, make_sampler  # noqa: E402
 from generator.phantoms import render_phantom  # noqa: E402
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=str(DEFAULT_SAMPLER), choices=[str(s) for s in Sampler],
                    help=f"sampler (default {DEFAULT_SAMPLER}, the library default)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance (default: the model's demo.guidance_scale in radsynth.json, "
+                        "else 3)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="torch device for sampling (default cpu)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
@@ -269,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe, info = load_pipeline(args.model or bundled_model_path(), device=args.device)
     pipe.scheduler = make_sampler(args.sampler, pipe.scheduler)
+    if args.guidance_scale is None:
+        args.guidance_scale = float(demo_settings(info.path)[1]["guidance_scale"])
     t0 = time.time()
 
     def sample(texts: list[str], attrs: list[dict[str, Any]], base: int) -> np.ndarray:

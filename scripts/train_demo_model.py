@@ -60,6 +60,42 @@ def _shareable(argv: list[str]) -> list[str]:
     return [part(a) for a in argv]
 
 
+def _demo_block(model_dir: str | Path) -> dict:
+    """The ``demo`` block of a model folder's ``radsynth.json`` (``{}`` when it has none)."""
+    info = json.loads((Path(model_dir) / "radsynth.json").read_text())
+    return dict(info.get("demo") or {})
+
+
+def _stages(init_from: str | None, info: dict, command: str, steps: dict) -> list[dict]:
+    """``demo.stages``: how the model was made, stage by stage. A fine-tune (``init_from``) continues the
+    stages of the model it starts from (a model without them counts as one stage, its own command)."""
+    stage = {"command": command, "model_hash": info["model_hash"], "steps": dict(steps),
+             "mixed_precision": (info.get("training") or {}).get("mixed_precision")}
+    if init_from is None:
+        return [stage]
+    before = _demo_block(init_from)
+    earlier = list(before.get("stages") or [])
+    if not earlier and before.get("command"):
+        earlier = [{"command": before["command"], "model_hash": json.loads(
+            (Path(init_from) / "radsynth.json").read_text()).get("model_hash")}]
+    return earlier + [{**stage, "note": "fine-tune of the previous stage's UNet (VAE frozen)"}]
+
+
+def stages_paragraph(demo: dict) -> str:
+    """One paragraph of the model card: the commands that made the model, stage by stage, with their
+    steps, and the guidance the demo uses."""
+    parts = []
+    for stage in demo.get("stages") or []:
+        steps = stage.get("steps") or {}
+        names = {"vae": "VAE", "unet": "UNet"}
+        done = ", ".join(f"{names.get(k, k)} {int(steps[k]):,} steps" for k in sorted(steps, key=lambda k: k != "vae")
+                         if steps[k])
+        parts.append(f"`{stage['command']}`" + (f" ({done}, {stage.get('mixed_precision') or 'fp32'})" if done else ""))
+    made = "Made in {} stage{} (`radsynth.json`, `demo.stages`; each fine-tune keeps the VAE): ".format(
+        len(parts), "" if len(parts) == 1 else "s") + ", then ".join(parts) + "." if parts else ""
+    return (made + f" The demo samples it at guidance {demo.get('guidance_scale', DEMO_TRAINING['guidance_scale'])}.").strip()
+
+
 def _write_embedder(out: Path, num_images: int, seed: int) -> None:
     """Train the privacy copy embedder on the model's training phantoms and store it in ``out``."""
     t0 = time.time()
@@ -153,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
                    help="fine-tune this model folder's UNet (VAE frozen) instead of training from scratch; "
                         "must differ from --output")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance the demo uses with this model, recorded in radsynth.json demo.guidance_scale "
+                        f"(default: the --init-from model's, else {DEMO_TRAINING['guidance_scale']}); choose it "
+                        "with scripts/eval_text_control.py --guidance-scale")
     p.add_argument("--attribute-conditioning", action="store_true",
                    help="also condition on the attributes read back from each prompt (issue 12's ablation)")
     p.add_argument("--embedder-only", action="store_true",
@@ -192,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     info = json.loads((out / "radsynth.json").read_text())
-    info["demo"] = {**DEMO_TRAINING, "num_images": args.num_images, "seed": args.seed,
-                    "command": "python scripts/train_demo_model.py " + " ".join(_shareable(argv))}
+    command = "python scripts/train_demo_model.py " + " ".join(_shareable(argv))
+    info["demo"] = {**DEMO_TRAINING, "num_images": args.num_images, "seed": args.seed, "command": command,
+                    "stages": _stages(args.init_from, info, command, result.steps)}
+    if args.guidance_scale is not None:
+        info["demo"]["guidance_scale"] = args.guidance_scale
+    elif args.init_from is not None:  # keep the recommendation of the model fine-tuned
+        info["demo"]["guidance_scale"] = _demo_block(args.init_from).get("guidance_scale", DEMO_TRAINING["guidance_scale"])
     (out / "radsynth.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     card = (out / "README.md").read_text().replace(
         "# RadSynth model",
         "# RadSynth demonstration model\n\nTrained only on procedural chest radiograph phantoms "
         "(`radsynth phantoms`), never on patient data. It demonstrates the pipeline; it is not a model "
-        "of real radiographs.", 1)
+        "of real radiographs.\n\n" + stages_paragraph(info["demo"]), 1)
     (out / "README.md").write_text(card)
     _write_embedder(out, args.num_images, args.seed)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
