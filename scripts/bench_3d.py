@@ -29,9 +29,12 @@ float32 against bf16 training steps of the ``lean`` networks (5 alternating roun
 
 The ``lean`` recipe (docs/volumes.md, Benchmark; ``VolumeTrainConfig.for_preset("lean")`` in Python)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --train-minutes 30 --vae-share 0.25 \
-        --vae-steps 400 --unet-steps 3000 --preset lean --vae-fg-weight 10 --prediction-type v_prediction \
-        --snr-gamma 5 --unet-batch-size 8 --ema-decay 0.99
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --train-minutes 30 --vae-share 0.3 \
+        --vae-steps 1500 --unet-steps 20000 --preset lean --vae-fg-weight 10 --prediction-type v_prediction \
+        --snr-gamma 5 --unet-batch-size 8 --ema-decay 0.99 --mixed-precision bf16 --num-synthetic 600 \
+        --balanced --sample-steps 20 --guidance 6
+
+(the fifth-session recipe had ``--vae-share 0.25 --vae-steps 400 --unet-steps 3000`` in float32).
 """
 
 from __future__ import annotations
