@@ -77,7 +77,6 @@ from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidd
 from generator._utils import (
     MIXED_PRECISION,
     best_device,
-    bf16_supported,  # noqa: F401 - part of this module's interface (bench_train, tests)
     cpu_only,
     resolve_mixed_precision,
     training_autocast,

@@ -229,7 +229,7 @@ def interleaved_step_timing(preset: str, resolution: int, blocks: int, steps_per
     from conditioning.attributes import ATTRIBUTE_DIM
     from generator.models.build import build_unet, build_vae
     from generator.models.config import get_preset
-    from generator.training import bf16_supported
+    from generator._utils import bf16_supported
 
     cfg = get_preset(preset, **(overrides or {}))
     torch.manual_seed(0)

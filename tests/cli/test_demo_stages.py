@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 from generator.demo import DEMO_MODEL_DIR, demo_settings
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_demo_model.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("train_demo_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.cli.test_demo_volumes import _script
 
 
 def _folder(path: Path, info: dict) -> Path:

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from generator.models.config import TrainConfig, get_preset
 from generator.data import load_dataset
-from generator.training import Trainer, _step_generator, bf16_supported, resolve_mixed_precision
+from generator._utils import bf16_supported, resolve_mixed_precision
+from generator.training import Trainer, _step_generator
 
 
 def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
