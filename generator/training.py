@@ -85,10 +85,10 @@ from generator.checkpoints import (
     CHECKPOINT_FORMAT,
     STATE_JSON,
     json_plain,
-    latest_checkpoint,
-    load_weights,
     ema_from_files,
     ema_to_files,
+    latest_checkpoint,
+    load_weights,
     optimizer_from_files,
     optimizer_to_files,
     read_checkpoint_state,
@@ -103,7 +103,6 @@ from generator.models.build import (
     attribute_embedding_config, build_noise_scheduler, build_unet, build_vae, takes_attributes,
 )
 from generator.models.config import TrainConfig
-from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
 from generator.models.model_folder import (
     ModelInfo,
     absolute_paths,
@@ -115,6 +114,7 @@ from generator.models.model_folder import (
 )
 from generator.models.pipeline import RadSynthPipeline
 from generator.models.samplers import make_sampler
+from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
 
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.
 StepHook = Callable[[str, int], None]
@@ -192,7 +192,7 @@ def _init_architecture(unet: Mapping[str, Any], vae: Mapping[str, Any] | None, r
 
 
 def _lr_lambda(plan: StepPlan, warmup: int) -> Callable[[int], float]:
-    """:func:`generator.objective.warmup_cosine` over the plan's current ``total`` (refitted under a
+    """:func:`generator.recipe.warmup_cosine` over the plan's current ``total`` (refitted under a
     time budget, so the schedule reads it at every step)."""
     return lambda step: warmup_cosine(step, plan.total, warmup)
 
@@ -552,14 +552,8 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def _autocast(self) -> ContextManager[Any]:
-        """Context of a training forward pass. With bf16: ``torch.autocast`` to bfloat16 and, on a CPU,
-        the plain (math) attention kernel, because PyTorch's fused flash-attention backward is slower
-        in bf16 than in fp32 there while the math kernel's matrix products use the bf16 units
-        (``scripts/bench_train.py --step-timing``: UNet step 1.5x faster than fp32, flash 0.9x).
-
-        bf16 autocast is applied here rather than by ``accelerate``, whose process-wide state would
-        refuse a second Trainer with another ``mixed_precision`` in the same process.
-        """
+        """Context of a training forward pass: :func:`generator._utils.training_autocast` (bf16 autocast
+        and, on a CPU, the math attention kernel; nothing otherwise) on this run's device."""
         return training_autocast(self.mixed_precision, self.accelerator.device)
 
     def _say(self, msg: str) -> None:

@@ -62,8 +62,12 @@ def _shareable(argv: list[str]) -> list[str]:
 
 def _demo_block(model_dir: str | Path) -> dict:
     """The ``demo`` block of a model folder's ``radsynth.json`` (``{}`` when it has none)."""
-    info = json.loads((Path(model_dir) / "radsynth.json").read_text())
-    return dict(info.get("demo") or {})
+    return dict(_model_info(model_dir).get("demo") or {})
+
+
+def _model_info(model_dir: str | Path) -> dict:
+    """A model folder's ``radsynth.json``."""
+    return json.loads((Path(model_dir) / "radsynth.json").read_text())
 
 
 def _stages(init_from: str | None, info: dict, command: str, steps: dict) -> list[dict]:
@@ -73,12 +77,16 @@ def _stages(init_from: str | None, info: dict, command: str, steps: dict) -> lis
              "mixed_precision": (info.get("training") or {}).get("mixed_precision")}
     if init_from is None:
         return [stage]
-    before = _demo_block(init_from)
+    start = _model_info(init_from)
+    before = dict(start.get("demo") or {})
     earlier = list(before.get("stages") or [])
     if not earlier and before.get("command"):
-        earlier = [{"command": before["command"], "model_hash": json.loads(
-            (Path(init_from) / "radsynth.json").read_text()).get("model_hash")}]
+        earlier = [{"command": before["command"], "model_hash": start.get("model_hash")}]
     return earlier + [{**stage, "note": "fine-tune of the previous stage's UNet (VAE frozen)"}]
+
+
+#: How ``stages_paragraph`` names the stages' step counts.
+_STAGE_NAMES = {"vae": "VAE", "unet": "UNet"}
 
 
 def stages_paragraph(demo: dict) -> str:
@@ -87,13 +95,15 @@ def stages_paragraph(demo: dict) -> str:
     parts = []
     for stage in demo.get("stages") or []:
         steps = stage.get("steps") or {}
-        names = {"vae": "VAE", "unet": "UNet"}
-        done = ", ".join(f"{names.get(k, k)} {int(steps[k]):,} steps" for k in sorted(steps, key=lambda k: k != "vae")
-                         if steps[k])
+        done = ", ".join(f"{_STAGE_NAMES.get(k, k)} {int(steps[k]):,} steps"
+                         for k in sorted(steps, key=lambda k: k != "vae") if steps[k])
         parts.append(f"`{stage['command']}`" + (f" ({done}, {stage.get('mixed_precision') or 'fp32'})" if done else ""))
-    made = "Made in {} stage{} (`radsynth.json`, `demo.stages`; each fine-tune keeps the VAE): ".format(
-        len(parts), "" if len(parts) == 1 else "s") + ", then ".join(parts) + "." if parts else ""
-    return (made + f" The demo samples it at guidance {demo.get('guidance_scale', DEMO_TRAINING['guidance_scale'])}.").strip()
+    guidance = f"The demo samples it at guidance {demo.get('guidance_scale', DEMO_TRAINING['guidance_scale'])}."
+    if not parts:
+        return guidance
+    plural = "" if len(parts) == 1 else "s"
+    return (f"Made in {len(parts)} stage{plural} (`radsynth.json`, `demo.stages`; each fine-tune keeps the VAE): "
+            + ", then ".join(parts) + ". " + guidance)
 
 
 def _write_embedder(out: Path, num_images: int, seed: int) -> None:

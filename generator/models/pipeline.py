@@ -61,10 +61,10 @@ __all__ = [
     "PRECISIONS",
     "Precision",
     "RadSynthPipeline",
-    "check_guidance_interval",
     "RadSynthPipelineOutput",
     "VAE_SLICE_PIXELS",
     "VAE_TILE_LATENT",
+    "check_guidance_interval",
     "cpu_has_bf16",
 ]
 

@@ -487,21 +487,20 @@ class VolumeTrainer:
                 if self.vae_step % self.tc.checkpoint_every == 0:
                     self.seconds = elapsed()
                     self._save_checkpoint()
+            plan = self._unet_plan
             if self.vae_done and not self.unet_done:
                 self._cache_latents()
                 # under a time budget, the LR schedule is fitted to the steps the clock allows
-                plan = self._unet_plan
                 plan.deadline = budget
                 plan.begin(self.unet_step, elapsed())
             while self.vae_done and not self.unet_done and not stop():
-                if self.unet_step >= self._unet_plan.total or (budget and elapsed() >= budget):
+                if self.unet_step >= plan.total or (budget and elapsed() >= budget):
                     self.unet_done = True
                     break
                 loss = self._unet_step()
-                if self._unet_plan.due(self.unet_step):
+                if plan.due(self.unet_step):
                     now = elapsed()
-                    self._unet_plan.refit(min(self.tc.unet_steps, self._unet_plan.estimate(self.unet_step, now)),
-                                          self.unet_step, now)
+                    plan.refit(min(self.tc.unet_steps, plan.estimate(self.unet_step, now)), self.unet_step, now)
                 ran += 1
                 self._losses["unet"].append(loss)
                 log.writerow(["unet", self.unet_step, f"{loss:.6g}", f"{elapsed():.2f}"])
@@ -513,7 +512,7 @@ class VolumeTrainer:
                     if self.progress:
                         print(f"unet step {self.unet_step}: loss {np.mean(self._losses['unet'][-10:]):.4f} "
                               f"({elapsed():.0f} s)", flush=True)
-            if self.vae_done and not self.unet_done and self.unet_step >= self._unet_plan.total:
+            if self.vae_done and not self.unet_done and self.unet_step >= plan.total:
                 self.unet_done = True
         self.seconds = elapsed()
         self._save_checkpoint()
