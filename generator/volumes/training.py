@@ -1,8 +1,7 @@
 """A compact two-stage trainer for volume models: the 3D VAE, then the 3D UNet on cached latents.
 
-Its training loop is separate from the 2D :class:`generator.training.Trainer` (which adds
-``accelerate``, streaming from disk and latent caches on disk), but what a UNet step optimises is
-shared: the target, min-SNR weighting, warm-up/cosine learning rate and the EMA of the weights come
+Its training loop is separate from the 2D :class:`generator.training.Trainer` (which adds streaming
+from disk and latent caches on disk), but what a UNet step optimises is shared: the target, min-SNR weighting, warm-up/cosine learning rate and the EMA of the weights come
 from :mod:`generator.recipe`, and checkpoints use the layout and (de)serialisation of
 :mod:`generator.checkpoints` (AdamW moments, EMA state, checksums, atomic writes). Like the 2D trainer
 it uses classifier-free-guidance prompt dropout, per-step random generators, exact resume, and step
@@ -12,6 +11,14 @@ Determinism: every random draw of step ``s`` of stage ``k`` (batch indices, post
 diffusion noise, prompt dropout) comes from ``torch.Generator`` seeded by ``(seed, k, s)``; nothing
 reads the global RNG after the networks are initialised (from ``seed``). A run interrupted after any
 checkpoint and resumed gives the same weights as an uninterrupted one (float32, same thread count).
+
+Several processes (``torchrun`` / ``accelerate launch``; gloo on CPUs): ``accelerate`` wraps both
+networks in DistributedDataParallel. Every process draws the whole batch of a step from the same
+``(seed, k, s)`` generator and trains on its share (process ``r`` of ``W`` takes items ``r, r + W, ...``),
+so the averaged gradient is the whole batch's and the weights do not depend on the number of processes
+beyond float rounding; batch sizes must be multiples of ``W``. Time-budget decisions and the fitted
+schedule are the main process's, shared with the others; the main process alone writes the log,
+checkpoints and the model folder.
 
 Files under ``output``: the model folder (:mod:`generator.volumes.model_folder`; UNet weights are the
 EMA), ``train_log.csv``, and ``checkpoints/latest/`` in the layout of :mod:`generator.checkpoints`
@@ -23,6 +30,7 @@ configs and checksums): weights and optimizer moments only, never voxels or late
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,9 +39,11 @@ from typing import Any, Callable, ContextManager, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, encode_prompts, hidden_size, load_text_encoder
-from generator._utils import look_up_option, training_autocast
+from generator._utils import cpu_only, look_up_option, training_autocast
 from generator.checkpoints import (
     STATE_JSON,
     ema_from_files,
@@ -251,6 +261,23 @@ def _generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+class _VaeRoundTrip(nn.Module):
+    """The VAE's training forward pass as one module (what DistributedDataParallel wraps): encode,
+    draw the posterior sample with the given noise, decode.
+
+    ``forward(x, eps)``: ``x`` ``(B, 1, D, H, W)`` in ``[-1, 1]``, ``eps`` standard normal of the latent
+    shape ``(B, C, d, h, w)``; returns ``(reconstruction, z_mu, z_sigma)``.
+    """
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_mu, z_sigma = self.vae.encode(x)
+        return self.vae.decode(z_mu + z_sigma * eps), z_mu, z_sigma
+
+
 def _optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``opt``'s state as :func:`generator.checkpoints.optimizer_to_files` splits it, tensor keys prefixed."""
     tensors, meta = optimizer_to_files(opt.state_dict())
@@ -288,6 +315,12 @@ class VolumeTrainer:
         self.latent_shape = model_config.latent_shape(data.shape)
         self.text_encoder_name = text_encoder
         self.progress = progress
+        self.accelerator = acc = Accelerator(cpu=cpu_only())
+        self.device = acc.device
+        for name, size in (("batch_size", train_config.batch_size), ("unet_batch_size", train_config.unet_batch_size)):
+            if size % acc.num_processes:
+                raise ValueError(f"{name} {size} must be a multiple of the number of processes "
+                                 f"({acc.num_processes}): each process trains on an equal share of a batch")
         self.tokenizer, self.encoder = load_text_encoder(text_encoder)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights; the global RNG is left alone
             torch.manual_seed(int(train_config.seed))
@@ -318,6 +351,36 @@ class VolumeTrainer:
                              "version cannot resume; start again in a new output folder")
         if resume and (self.ckpt_path / STATE_JSON).is_file():
             self._load_checkpoint()
+        # after a resume has loaded the weights: DistributedDataParallel starts from them everywhere
+        self._vae_train = acc.prepare(_VaeRoundTrip(self.vae))
+        self._unet_train = acc.prepare(self.unet)
+        self.ema.to(device=self.device)
+        for opt in (self.vae_opt, self.unet_opt):  # resumed moments follow their weights to the device
+            for slot in opt.state.values():
+                for key, value in slot.items():
+                    if torch.is_tensor(value) and key != "step":
+                        slot[key] = value.to(self.device)
+        self._null, self._context = self._null.to(self.device), self._context.to(self.device)
+
+    @property
+    def _main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _share(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """This process's items of a whole batch (rows ``r, r + W, ...``), on the training device."""
+        acc = self.accelerator
+        return [t[acc.process_index::acc.num_processes].to(self.device) for t in tensors]
+
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` as the main process sees it, on every process (one decision for all: a process that
+        stopped alone would leave the others waiting in a collective)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        box = [bool(flag)]
+        broadcast_object_list(box, from_process=0)
+        return bool(box[0])
 
     # ------------------------------------------------------------------------------ checkpoints
     def _identity(self) -> dict[str, Any]:
@@ -327,7 +390,13 @@ class VolumeTrainer:
 
     def _save_checkpoint(self) -> None:
         """Write ``checkpoints/latest`` (:func:`generator.checkpoints.write_checkpoint`: safetensors
-        with sizes and SHA-256 in ``state.json``, written to a hidden folder and renamed into place)."""
+        with sizes and SHA-256 in ``state.json``, written to a hidden folder and renamed into place) on
+        the main process; every process waits until it is written."""
+        if self._main:
+            self._write_checkpoint()
+        self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self) -> None:
         weights: dict[str, torch.Tensor] = {}
         for name, net in (("vae", self.vae), ("unet", self.unet)):
             weights.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()})
@@ -379,18 +448,18 @@ class VolumeTrainer:
 
     # ------------------------------------------------------------------------------ steps
     def _autocast(self) -> ContextManager[Any]:
-        return training_autocast(self.tc.mixed_precision, torch.device("cpu"))
+        return training_autocast(self.tc.mixed_precision, self.device)
 
     def _vae_step(self) -> float:
         g = _generator(self.tc.seed, "vae", self.vae_step)
         n = self.data.volumes.shape[0]
         idx = torch.randint(0, n, (self.tc.batch_size,), generator=g)
         x = torch.from_numpy(self.data.volumes[idx.numpy()]).unsqueeze(1) * 2.0 - 1.0
+        eps = torch.randn((self.tc.batch_size, *self.latent_shape), generator=g)
+        x, eps = self._share(x, eps)
         self.vae.train()
         with self._autocast():
-            z_mu, z_sigma = self.vae.encode(x)
-            eps = torch.randn(z_mu.shape, generator=g)
-            rec = self.vae.decode(z_mu + z_sigma * eps)
+            rec, z_mu, z_sigma = self._vae_train(x, eps)
         z_mu, z_sigma, rec = z_mu.float(), z_sigma.float(), rec.float()
         kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-12) - 1).flatten(1).sum(1).mean()
         if self.tc.vae_fg_weight != 1.0:  # intensity-weighted L1 (x in [-1, 1] -> weight 1 .. vae_fg_weight)
@@ -411,7 +480,7 @@ class VolumeTrainer:
         out = []
         for i in range(0, self.data.volumes.shape[0], 16):
             x = torch.from_numpy(self.data.volumes[i:i + 16]).unsqueeze(1) * 2.0 - 1.0
-            out.append(self.vae.encode(x)[0])
+            out.append(self.vae.encode(x.to(self.device))[0])
         z = torch.cat(out)
         if self.scaling_factor is None:
             self.scaling_factor = float(1.0 / max(float(z.std()), 1e-6))
@@ -427,16 +496,17 @@ class VolumeTrainer:
         n = self._latents.shape[0]
         b = self.tc.unet_batch_size
         idx = torch.randint(0, n, (b,), generator=g)
-        z0 = self._latents[idx]
-        noise = torch.randn(z0.shape, generator=g)
+        noise = torch.randn((b, *self._latents.shape[1:]), generator=g)
         t = torch.randint(0, self.mc.num_train_timesteps, (b,), generator=g)
         drop = torch.rand(b, generator=g) < self.tc.prompt_dropout
+        idx, noise, t, drop = self._share(idx, noise, t, drop)
+        z0 = self._latents[idx]
         context = torch.where(drop[:, None, None], self._null.expand_as(self._context[idx]), self._context[idx])
         zt = self.scheduler.add_noise(z0, noise, t)
         target = denoising_target(self.scheduler, z0, noise, t, self.mc.prediction_type)
         self.unet.train()
         with self._autocast():
-            pred = self.unet(zt, timesteps=t, context=context)
+            pred = self._unet_train(zt, timesteps=t, context=context)
         loss = denoising_loss(pred, target, t, self.scheduler, self.mc.prediction_type, self.tc.snr_gamma).mean()
         for group in self.unet_opt.param_groups:
             group["lr"] = self._unet_lr()
@@ -457,15 +527,19 @@ class VolumeTrainer:
             max_steps: Steps to run in this call (``None``: no limit); for interruption and tests.
             callback: ``callback(stage, step, loss)`` after each step.
         """
-        self.output.mkdir(parents=True, exist_ok=True)
+        acc = self.accelerator
+        if self._main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
         log_path = self.output / "train_log.csv"
         new_log = not log_path.exists()
         budget = None if self.tc.max_minutes is None else 60.0 * self.tc.max_minutes
         ran = 0
         t0, base = time.monotonic(), self.seconds
-        with open(log_path, "a", newline="") as fh:
+        # the main process writes the log; the others write to nothing
+        with open(log_path if self._main else os.devnull, "a", newline="") as fh:
             log = csv.writer(fh)
-            if new_log:
+            if new_log and self._main:
                 log.writerow(["stage", "step", "loss", "seconds"])
 
             def elapsed() -> float:
@@ -475,7 +549,8 @@ class VolumeTrainer:
                 return max_steps is not None and ran >= max_steps
 
             while not self.vae_done and not stop():
-                if self.vae_step >= self.tc.vae_steps or (budget and elapsed() >= budget * self.tc.vae_share):
+                if self.vae_step >= self.tc.vae_steps or self._agree(
+                        bool(budget) and elapsed() >= budget * self.tc.vae_share):
                     self.vae_done = True
                     break
                 loss = self._vae_step()
@@ -494,13 +569,18 @@ class VolumeTrainer:
                 plan.deadline = budget
                 plan.begin(self.unet_step, elapsed())
             while self.vae_done and not self.unet_done and not stop():
-                if self.unet_step >= plan.total or (budget and elapsed() >= budget):
+                if self.unet_step >= plan.total or self._agree(bool(budget) and elapsed() >= budget):
                     self.unet_done = True
                     break
                 loss = self._unet_step()
                 if plan.due(self.unet_step):
                     now = elapsed()
-                    plan.refit(min(self.tc.unet_steps, plan.estimate(self.unet_step, now)), self.unet_step, now)
+                    total = [min(self.tc.unet_steps, plan.estimate(self.unet_step, now))]
+                    if acc.num_processes > 1:  # the main process's estimate: one schedule everywhere
+                        from accelerate.utils import broadcast_object_list
+
+                        broadcast_object_list(total, from_process=0)
+                    plan.refit(int(total[0]), self.unet_step, now)
                 ran += 1
                 self._losses["unet"].append(loss)
                 log.writerow(["unet", self.unet_step, f"{loss:.6g}", f"{elapsed():.2f}"])
@@ -509,7 +589,7 @@ class VolumeTrainer:
                 if self.unet_step % self.tc.checkpoint_every == 0:
                     self.seconds = elapsed()
                     self._save_checkpoint()
-                    if self.progress:
+                    if self.progress and self._main:
                         print(f"unet step {self.unet_step}: loss {np.mean(self._losses['unet'][-10:]):.4f} "
                               f"({elapsed():.0f} s)", flush=True)
             if self.vae_done and not self.unet_done and self.unet_step >= plan.total:
@@ -517,7 +597,9 @@ class VolumeTrainer:
         self.seconds = elapsed()
         self._save_checkpoint()
         if self.unet_done:
-            self.save_model()
+            if self._main:
+                self.save_model()
+            acc.wait_for_everyone()
 
         def mean(x: list[float]) -> float:
             return float(np.mean(x[-10:])) if x else float("nan")

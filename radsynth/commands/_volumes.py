@@ -118,9 +118,10 @@ def run_train_3d(args: argparse.Namespace) -> int:
 
     Reads ``data``, ``output``, ``resolution``, ``preset``, ``spacing``, ``max_minutes``, ``max_steps``
     (upper bound of the steps of each stage: VAE default 200, UNet 1000), ``seed``, ``learning_rate``
-    (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the CPU
+    (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the device
     has it natively; ``no``; ``bf16``), ``text_encoder``, ``resume``, ``overwrite``, ``keep_checkpoints``,
-    ``quiet``; refuses 2D-only flags that would be silently ignored.
+    ``quiet``; refuses 2D-only flags that would be silently ignored. Under ``torchrun`` or ``accelerate
+    launch`` every process runs this; the main process alone prepares the output folder and prints.
 
     Raises:
         ValueError: a bad or unsupported flag (named), or a data folder without usable volumes.
@@ -179,12 +180,14 @@ def run_train_3d(args: argparse.Namespace) -> int:
         train_kwargs["unet_lr"] = float(get("learning_rate"))
     if get("checkpoint_every") is not None:
         train_kwargs["checkpoint_every"] = int(get("checkpoint_every"))
-    import torch
+    from accelerate import PartialState
 
-    from generator._utils import resolve_mixed_precision
+    from generator._utils import cpu_only, resolve_mixed_precision
+    from radsynth.commands._wiring import on_main_process
 
-    try:  # the volume trainer runs on the CPU
-        train_kwargs["mixed_precision"] = resolve_mixed_precision(get("mixed_precision") or "auto", torch.device("cpu"))
+    state = PartialState(cpu=cpu_only())  # one process, or one of several under torchrun / accelerate launch
+    try:
+        train_kwargs["mixed_precision"] = resolve_mixed_precision(get("mixed_precision") or "auto", state.device)
     except ValueError as exc:
         raise ValueError(f"--mixed-precision: {exc}") from None
     train_config = VolumeTrainConfig.for_preset(preset_name, **train_kwargs)
@@ -192,7 +195,7 @@ def run_train_3d(args: argparse.Namespace) -> int:
     if not data_dir.is_dir():
         raise ValueError(f"--data {str(data_dir)!r}: --dims 3 needs a folder of volumes with metadata.jsonl")
     output = Path(get("output"))
-    prepare_model_output(output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
+    on_main_process(state, prepare_model_output, output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
 
     from generator.volumes.ingest import load_volumes
     from generator.volumes.training import VolumeTrainer, VolumeTrainingData
@@ -200,18 +203,20 @@ def run_train_3d(args: argparse.Namespace) -> int:
     res = load_volumes(data_dir, spacing=spacing, shape=resolution)
     if not res.records:
         raise ValueError(f"--data {str(data_dir)!r}: no usable volumes ({res.summary})")
-    for skipped in res.skipped[:5]:
+    for skipped in res.skipped[:5] if state.is_main_process else ():
         print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
     try:
         data = VolumeTrainingData.from_ingest(res)
     except ValueError as exc:
         raise ValueError(f"--data {str(data_dir)!r}: {exc}; pass --spacing MM to resample them to one grid") from None
-    quiet = bool(get("quiet"))
+    quiet = bool(get("quiet")) or not state.is_main_process
     if not quiet:
         print(f"{res.summary}; training {data.volumes.shape[0]} volumes of {data.shape} at {data.spacing} mm "
               f"(preset {preset_name})", flush=True)
     result = VolumeTrainer(data, output, config, train_config, text_encoder=get("text_encoder"),
                            resume=bool(get("resume")), progress=not quiet).run()
+    if not state.is_main_process:
+        return 0
     if result.finished and not get("keep_checkpoints"):
         shutil.rmtree(output / "checkpoints", ignore_errors=True)
     print(f"volume model written to {output} (VAE steps {result.vae_step}, UNet steps {result.unet_step}, "
