@@ -17,7 +17,9 @@ Views (:data:`VOLUME_VIEW_NAMES`):
   ``max_shift`` voxels along each axis. The query's centre crop (``max_shift`` voxels off every face) is
   correlated with every window of the reference (a 3D convolution), each window standardized on its
   own mean and norm, so a shifted copy scores 1 exactly. Computed exactly for the ``candidates`` nearest
-  references of a coarse search (unshifted NCC of blurred, 2x average-pooled volumes, over the flips).
+  references of each of two coarse searches (unshifted NCC of blurred, 2x average-pooled volumes, over the
+  flips; once as the volumes lie and once with each volume centred on its centre of mass, which keeps
+  shifted copies of small sparse structures among the candidates).
 - ``slice``: aggregation over 2D axial slices: for each reference, the mean over the query's slices of the
   best in-plane NCC with any of the reference's slices (over the four in-plane flips); the view is the
   maximum over references. It catches copied slabs and slices that the whole-volume correlation dilutes.
@@ -115,11 +117,29 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norm, _EPS) * (norm > _EPS)).astype(np.float32)
 
 
-def _coarse(volumes: np.ndarray, max_shift: int = 1) -> np.ndarray:
+def _centred(volumes: np.ndarray) -> np.ndarray:
+    """Each ``(D, H, W)`` volume moved by whole voxels so that its centre of mass (of the values above
+    the volume's minimum) sits at the grid centre; edges repeat the border voxel. Shifted copies of one
+    volume come out identical (up to what the shift pushed off the grid), whatever the shift."""
+    out = np.empty_like(volumes)
+    centre = (np.array(volumes.shape[1:], dtype=np.float64) - 1.0) / 2.0
+    for i, v in enumerate(volumes):
+        w = v - v.min()
+        com = np.array(ndimage.center_of_mass(w)) if w.sum() > 0 else centre
+        move = np.round(centre - np.nan_to_num(com, nan=0.0)).astype(int)
+        out[i] = ndimage.shift(v, move, order=0, mode="nearest") if move.any() else v
+    return out
+
+
+def _coarse(volumes: np.ndarray, max_shift: int = 1, centre: bool = False) -> np.ndarray:
     """``(N, P)`` unit rows of the volumes average-pooled by 2 (when every side allows it) and blurred
     (Gaussian, sd ``max_shift`` voxels), so that the unshifted correlation of the coarse search ranks
-    shifted copies near their source."""
+    shifted copies near their source; with ``centre`` each volume is first moved to put its centre of
+    mass at the grid centre (:func:`_centred`), which keeps shifted copies of small, sparse structures
+    (a gland a few voxels thick) near their source where the blur alone does not."""
     arr = np.array(volumes, dtype=np.float32)  # a copy: inputs may be read-only
+    if centre:
+        arr = _centred(arr)
     arr = ndimage.gaussian_filter(arr, (0, *(max(1.0, float(max_shift)),) * 3), mode="nearest")
     t = torch.from_numpy(arr)[:, None]
     if min(t.shape[2:]) >= 8:
@@ -239,16 +259,24 @@ def _neighbours(volumes: np.ndarray, refs: np.ndarray, max_shift: int, candidate
     reference slice, most of the cost, and only the ``ncc`` view is needed for some uses."""
     q_n, n = len(volumes), len(refs)
     k = max(1, min(int(k), n))
-    ref_coarse = _coarse(refs, max_shift)
     ref_slices = _slice_features(refs) if slice_view else None
-    flips = [_coarse(np.flip(volumes, tuple(a + 1 for a in axes)) if axes else volumes, max_shift) for axes in _FLIPS_3D]
-    coarse = np.max(np.stack([f @ ref_coarse.T for f in flips]), axis=0)  # (Q, N)
+    # two coarse rankings, each proposing `candidates` references: as the volumes lie, and centred on
+    # their centres of mass (shifted copies of sparse structures fall out of the first, not the second)
+    rankings = []
+    for centre in (False, True):
+        ref_coarse = _coarse(refs, max_shift, centre)
+        flips = [_coarse(np.flip(volumes, tuple(a + 1 for a in axes)) if axes else volumes, max_shift, centre)
+                 for axes in _FLIPS_3D]
+        rankings.append(np.max(np.stack([f @ ref_coarse.T for f in flips]), axis=0))  # (Q, N)
     out = {v: (np.full((q_n, k), np.nan), np.full((q_n, k), -1, dtype=np.int64)) for v in VOLUME_VIEW_NAMES}
     for q in range(q_n):
-        row = coarse[q].copy()
-        if exclude_self:
-            row[q] = -np.inf
-        cand = np.argsort(-row, kind="stable")[: max(int(candidates), k)]
+        proposals = []
+        for coarse in rankings:
+            row = coarse[q].copy()
+            if exclude_self:
+                row[q] = -np.inf
+            proposals.append(np.argsort(-row, kind="stable")[: max(int(candidates), k)])
+        cand = np.unique(np.concatenate(proposals))
         if exclude_self:
             cand = cand[cand != q]
         ncc = shifted_ncc(volumes[q], refs[cand], max_shift)
@@ -298,7 +326,8 @@ class VolumeIndex:
         review_alpha: Default false-flag rate for ``review`` (``>= alpha``).
         leak_threshold: ``ncc`` at or above which a volume is a copy whatever the null says.
         max_shift: Largest shift (voxels per axis) of the ``ncc`` view.
-        candidates: References per query checked exactly by the ``ncc`` view.
+        candidates: References per query proposed by each of the two coarse searches and checked exactly
+            by the ``ncc`` view.
         ref_nn: ``(N,)`` each reference's ``ncc`` to its nearest other reference (authenticity).
         holdout: Description of the held-out set (``source``, ``split``, ``n_holdout``, ``n_null``,
             ``excluded_same_patient``, ``excluded_duplicates``, ``min_null_size``, ``warnings``).
@@ -396,7 +425,8 @@ class VolumeIndex:
             holdout_fraction: Share of patients held out when splitting.
             leak_threshold: ``ncc`` treated as an exact copy, in ``(0, 1]``.
             max_shift: Shift range of the ``ncc`` view; default :func:`default_max_shift`.
-            candidates: References per query checked exactly by the ``ncc`` view (``>= 1``).
+            candidates: References per query proposed by each of the two coarse searches and checked
+                exactly by the ``ncc`` view (``>= 1``).
             seed: Split and self-check seed.
             intensity: The model-range intensity mapping of the volumes (recorded).
             holdout_name: How errors name the held-out set (e.g. ``"--holdout val/"``).

@@ -11,7 +11,11 @@ What it measures, on the shared CPUs with pinned threads (stated in the output):
    distance in that (real-trained) CNN's penultimate features, synthetic vs real-val beside
    real-train vs real-val at the same sample size. The same two measures for the real training volumes
    after a round trip through the model's VAE alone: the VAE's share of the gap (what a perfect UNet
-   could reach with this VAE).
+   could reach with this VAE). The share of samples the memorization audit flags
+   (:class:`privacy.volumes.VolumeIndex` of all training volumes, calibrated on a held-out fifth of them as
+   ``radsynth index`` does without ``--holdout``), beside two controls audited the same way: the real
+   validation volumes (never trained on: the chance rate) and VAE round trips of training volumes (near
+   copies: the audit must flag them).
 4. The real CT round trip of ``example_ct_sm.nii.gz``: NIfTI -> ingest (standard layout) -> NIfTI and
    DICOM series (exporters) -> ingest, checking affine/world positions, spacing and HU.
 
@@ -272,6 +276,33 @@ def vae_reconstruction(pipe, x: np.ndarray) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- CT round trip
+def audit_flags(xtr: np.ndarray, sets: dict[str, np.ndarray], spacing: tuple[float, float, float]) -> dict:
+    """Share of each volume stack in ``sets`` that the memorization audit flags.
+
+    The index holds all ``(N, D, H, W)`` training volumes ``xtr`` (``[0, 1]``, ``spacing`` mm) and is
+    calibrated on a held-out fifth of them (seed 0), as ``radsynth index`` does without ``--holdout``.
+    Returns, per set: counts of reject / review, their rates, what chance alone expects at the index's
+    ``alpha`` / ``review_alpha``, and the number of distinct training volumes named by rejections; plus
+    the index's planted-copy self-test and build time.
+    """
+    from privacy.volumes import VolumeIndex, audit_volumes, planted_copy_self_test
+
+    t0 = time.monotonic()
+    index = VolumeIndex.build(xtr, spacing=spacing, seed=0)
+    out: dict = {"index_seconds": round(time.monotonic() - t0, 1), "n_references": len(index.ids),
+                 "n_null": index.holdout["n_null"], "alpha": index.alpha, "review_alpha": index.review_alpha,
+                 "self_test": planted_copy_self_test(index)}
+    for name, vols in sets.items():
+        t0 = time.monotonic()
+        s = audit_volumes(index, np.clip(vols, 0.0, 1.0).astype(np.float32), self_test=False).summary
+        c, n = s["counts"], s["n_images"]
+        out[name] = {"volumes": n, "reject": c["reject"], "review": c["review"], "reject_rate": s["copy_rate"],
+                     "review_rate": s["review_rate"], "expected_by_chance": s["expected_chance_flags"],
+                     "training_volumes_named": s["training_images_copied"],
+                     "seconds": round(time.monotonic() - t0, 1)}
+    return out
+
+
 def ct_round_trip(tmp: Path) -> dict:
     import nibabel as nib
 
@@ -351,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cnn-seeds", type=int, default=3)
     p.add_argument("--speed-64", action="store_true",
                    help="also a 64^3 speed/RSS probe (4 VAE + 4 UNet steps on 32 training volumes)")
+    p.add_argument("--audit-controls", type=int, default=100, metavar="N",
+                   help="VAE round trips of N training volumes audited as the near-copy control (default 100)")
+    p.add_argument("--no-audit", action="store_true", help="skip the memorization audit of the samples")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/model32")
     p.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
                    help="only time float32 against bf16 VAE and UNet steps of --preset (ROUNDS alternating "
@@ -464,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
         "fd_vae_round_trip_vs_val": round(float(np.mean(fds_rt)), 4),
     }
     print("evaluation:", json.dumps(report["evaluation"]), flush=True)
+    if not args.no_audit:
+        ctrl = np.random.default_rng(1).choice(len(xtr), size=min(args.audit_controls, len(xtr)), replace=False)
+        report["audit"] = audit_flags(xtr, {"synthetic": xsyn, "real_val": xva, "vae_round_trip_train": xrt[ctrl]},
+                                      tuple(float(v) for v in out.spacing))
+        print("audit:", json.dumps(report["audit"]), flush=True)
     report["peak_rss_mb_eval_process"] = round(_rss_mb(), 1)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"report: {args.out / 'report.json'}", flush=True)

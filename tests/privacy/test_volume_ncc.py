@@ -43,3 +43,25 @@ def test_window_means_match_average_pooling():
                                atol=1e-6)
     np.testing.assert_allclose(sq.numpy(), torch.nn.functional.avg_pool3d((r * r)[:, None], (5, 4, 6), stride=1)[:, 0].numpy(),
                                atol=1e-6)
+
+
+def _blob(shape: tuple[int, int, int], centre: tuple[float, float, float], radii: tuple[float, float, float]) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float64)
+    r2 = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii))
+    return (r2 <= 1.0).astype(np.float32)
+
+
+def test_shifted_copy_of_a_small_structure_reaches_the_exact_view():
+    # A small gland-like blob and a slightly different blob sitting exactly where a shifted copy of the
+    # first lands: the plain coarse search ranks the wrong one first; the centred search must still
+    # propose the source, so the exact view finds the copy (ncc 1) even with one candidate per search.
+    shape = (16, 16, 16)
+    a = _blob(shape, (7, 7, 7), (2.5, 2.5, 2.5))
+    b = _blob(shape, (8, 6, 8), (2.5, 3.4, 2.0))
+    others = [_blob(shape, (7 + dx, 8, 7 - dx), (2.0 + 0.3 * dx, 2.5, 3.0)) for dx in range(3)]
+    refs = np.stack([a, b, *others])
+    copy = np.roll(a, (1, -1, 1), axis=(0, 1, 2))[None]
+    plain = V._coarse(copy, 1) @ V._coarse(refs, 1).T
+    assert int(np.argmax(plain[0])) != 0  # the trap is real: the plain search alone would miss the source
+    nb, nearest = V._neighbours(copy, refs, max_shift=1, candidates=1, k=1, slice_view=False)
+    assert nb["ncc"][1][0, 0] == 0 and nearest["ncc"][0] > 0.999
