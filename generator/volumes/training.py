@@ -104,7 +104,7 @@ class VolumeTrainConfig:
         mixed_precision: ``"no"`` (float32) or ``"bf16"``: forward passes of both stages under bfloat16
             autocast (:func:`generator._utils.training_autocast`), weights, optimizer and losses in
             float32; needs native bfloat16 (the caller resolves ``"auto"`` with
-            :func:`generator._utils.resolve_mixed_precision`). On this CPU (AMX) bf16 made the ``lean``
+            :func:`generator._utils.resolve_mixed_precision`). On an AMX CPU bf16 made the ``lean``
             VAE steps 3.2x and UNet steps 1.8x faster (``scripts/bench_3d.py --step-timing``).
         snr_gamma: Min-SNR-gamma weighting of the UNet loss (Hang et al. 2023): per-sample weight
             ``min(SNR(t), gamma) / SNR(t)`` for epsilon, ``min(SNR(t), gamma) / (SNR(t) + 1)`` for
