@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier-free guidance (default: the model's demo.guidance_scale in radsynth.json, "
                         "else 3)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (RadSynthPipeline guidance_rescale; default 0: plain guidance)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="torch device for sampling (default cpu)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
@@ -280,12 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(texts), 16):
             chunk = texts[i : i + 16]
             out.append(pipe(chunk, seeds=list(range(base + i, base + i + len(chunk))),
-                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale).images)
+                            num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                            guidance_rescale=args.guidance_rescale).images)
         return np.concatenate(out)
 
     result = evaluate(sample, info.resolution, args.num_images, args.seed)
     print(f"\nmodel {info.path} ({info.model_hash}), {args.num_images} images per prompt, "
-          f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale}, {time.time() - t0:.0f} s\n")
+          f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale} (rescale {args.guidance_rescale}), "
+          f"{time.time() - t0:.0f} s\n")
     print(format_table(result))
     if args.json:
         payload = {"args": vars(args), "model_hash": info.model_hash, **result,

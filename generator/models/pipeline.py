@@ -480,6 +480,7 @@ class RadSynthPipeline(DiffusionPipeline):
         num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = 2.0,
         guidance_interval: tuple[float, float] | None = None,
+        guidance_rescale: float = 0.0,
         image: np.ndarray | torch.Tensor | None = None,
         strength: float = 1.0,
         keep_mask: np.ndarray | torch.Tensor | None = None,
@@ -506,6 +507,12 @@ class RadSynthPipeline(DiffusionPipeline):
                 (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval"). ``None``
                 (default): every step. Images are the same with any interval that holds every step's
                 sigma.
+            guidance_rescale: ``phi`` in ``[0, 1]`` of Lin et al. 2023 ("Common diffusion noise schedules
+                and sample steps are flawed", §3.4; diffusers' ``rescale_noise_cfg``): each image's guided
+                prediction is rescaled to the standard deviation of its conditional prediction and mixed
+                with the unscaled one, ``phi * rescaled + (1 - phi) * guided``, which undoes the contrast
+                that strong guidance adds. ``0`` (default): plain guidance. Per image, so images do not
+                depend on the batch.
             image: Starting images for image-to-image, ``(B, H, W)`` (or one ``(H, W)`` for all)
                 float in ``[0, 1]`` at the model's :attr:`resolution`. Encoded with the VAE (posterior
                 mean times ``scaling_factor``).
@@ -551,6 +558,11 @@ class RadSynthPipeline(DiffusionPipeline):
             negative_prompt = [negative_prompt] * len(prompts)
         self.check_inputs(prompts, negative_prompt, num_inference_steps, guidance_scale, seeds, strength)
         interval = check_guidance_interval(guidance_interval)
+        if not 0.0 <= float(guidance_rescale) <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+        rescale_cfg = None
+        if guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg as rescale_cfg
         if output_type not in ("np", "pil", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pil', 'pt' or 'latent', got {output_type!r}")
         if autocast_bf16 is not None:
@@ -627,6 +639,8 @@ class RadSynthPipeline(DiffusionPipeline):
             if guided:
                 pred_uncond, pred_cond = pred.chunk(2)
                 pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+                if rescale_cfg is not None:
+                    pred = rescale_cfg(pred, pred_cond, guidance_rescale=float(guidance_rescale))
             latents = self.scheduler.step(pred, t, latents, **step_kwargs).prev_sample
             if latent_mask is not None:
                 if i + 1 < len(timesteps):

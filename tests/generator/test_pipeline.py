@@ -385,6 +385,50 @@ def test_guidance_interval(pipe):
     np.testing.assert_allclose(alone[0], middle[1], atol=1e-5)  # still batch invariant
 
 
+def _first_step_predictions(pipe, monkeypatch, prompts, **kw) -> torch.Tensor:
+    """The (guided) prediction the sampler receives at the first step."""
+    seen = []
+    step = pipe.scheduler.step
+
+    def recording(model_output, *a, **k):
+        seen.append(model_output.clone())
+        return step(model_output, *a, **k)
+
+    monkeypatch.setattr(pipe.scheduler, "step", recording)
+    pipe(prompts, **kw)
+    monkeypatch.undo()
+    return seen[0]
+
+
+def test_guidance_rescale(pipe, monkeypatch):
+    """phi = 0 is plain guidance; phi = 1 gives each image's guided prediction the standard deviation of
+    its conditional prediction (Lin et al. 2023); images stay batch invariant; no effect without guidance."""
+    kw = {"seeds": [4, 5], "num_inference_steps": 3, "precision": "fp32", "guidance_scale": 4.0}
+    prompts = ["bright square", "dark field"]
+    plain = pipe(prompts, **kw).images
+    np.testing.assert_array_equal(pipe(prompts, guidance_rescale=0.0, **kw).images, plain)
+    strong = {**kw, "guidance_scale": 30.0}  # the tiny UNet's prompts differ little: guide hard
+    cond = _first_step_predictions(pipe, monkeypatch, prompts, **{**kw, "guidance_scale": 1.0})
+    guided = _first_step_predictions(pipe, monkeypatch, prompts, **strong)
+    rescaled = _first_step_predictions(pipe, monkeypatch, prompts, guidance_rescale=1.0, **strong)
+    per_image = lambda x: x.flatten(1).std(dim=1)  # noqa: E731
+    assert float((per_image(guided) - per_image(cond)).abs().max()) > 1e-3
+    torch.testing.assert_close(per_image(rescaled), per_image(cond), rtol=1e-5, atol=1e-6)
+    half = pipe(prompts, guidance_rescale=0.7, **kw).images
+    assert np.abs(half - plain).max() > 1e-4
+    alone = pipe(prompts[1:], guidance_rescale=0.7, **{**kw, "seeds": [5]}).images
+    np.testing.assert_allclose(alone[0], half[1], atol=1e-5)
+    unguided = {**kw, "guidance_scale": 1.0}
+    np.testing.assert_array_equal(pipe(prompts, guidance_rescale=0.7, **unguided).images,
+                                  pipe(prompts, **unguided).images)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_guidance_rescale_errors(pipe, bad):
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        pipe(["bright square"], num_inference_steps=2, guidance_rescale=bad)
+
+
 @pytest.mark.parametrize("bad", [(1.0, 0.5), (-1.0, 2.0), (float("nan"), 1.0), (1.0,), "ab"])
 def test_guidance_interval_errors(pipe, bad):
     with pytest.raises(ValueError, match="guidance_interval"):
