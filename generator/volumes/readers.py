@@ -1,12 +1,14 @@
-"""Readers of one volume: a 3D NIfTI file or a DICOM series folder -> :class:`Volume` in the standard
+"""Readers of one volume: a 3D NIfTI file, a DICOM series folder, or the files of one DICOM series
+(:func:`read_dicom_files`, for a series found in an archive folder) -> :class:`Volume` in the standard
 layout (see :mod:`generator.volumes.records`), physical units kept (HU for CT).
 
-DICOM series rules (one folder = one series): files are grouped by SeriesInstanceUID (a folder with
-several series is refused); slices must share Image Orientation (Patient), rows, columns and Pixel
-Spacing; they are sorted by the projection of Image Position (Patient) on the slice normal
-(row direction x column direction); the slice spacing comes from those positions, which must be
-evenly spaced (a gap of about a whole multiple of the others is reported as missing slices) and lie
-on the normal (no gantry tilt); stored values go through Rescale Slope/Intercept.
+DICOM series rules (one folder, or one list of files, = one series): files are grouped by
+SeriesInstanceUID (a folder or list with several series is refused); slices must share Image
+Orientation (Patient), rows, columns and Pixel Spacing; they are sorted by the projection of Image
+Position (Patient) on the slice normal (row direction x column direction); the slice spacing comes
+from those positions, which must be evenly spaced (a gap of about a whole multiple of the others is
+reported as missing slices) and lie on the normal (no gantry tilt); stored values go through Rescale
+Slope/Intercept.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 from generator.volumes.geometry import to_layout
 from generator.volumes.records import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES, LPS_TO_RAS, Volume, ct_mapping, mr_mapping
 
-__all__ = ["SeriesError", "read_nifti", "read_dicom_series", "NIFTI_SUFFIXES"]
+__all__ = ["SeriesError", "read_nifti", "read_dicom_series", "read_dicom_files", "NIFTI_SUFFIXES"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: Relative tolerance on slice gaps before a series counts as unevenly spaced.
@@ -86,16 +88,47 @@ def read_dicom_series(folder: str | Path, *, ct_window: Sequence[float] = DEFAUL
         SeriesError: no slices, several series, inconsistent orientation or size, duplicate
             positions, uneven spacing, missing slices, gantry tilt, or an unsupported modality.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise SeriesError(f"{folder.name}: not a folder")
+    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    return read_dicom_files(paths, name=folder.name, ct_window=ct_window, mr_percentiles=mr_percentiles, **fields)
+
+
+def read_dicom_files(paths: Sequence[str | Path], *, name: str, ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
+                     mr_percentiles: Sequence[float] = DEFAULT_MR_PERCENTILES, **fields: Any) -> Volume:
+    """Read the DICOM files of one series (CT or MR image slices, any order) as a volume.
+
+    The core of :func:`read_dicom_series`, for callers that found the files themselves (e.g. one
+    series out of an archive folder holding several). Files that are not DICOM, or DICOM objects
+    without Pixel Data or Image Position/Orientation (Patient), are ignored.
+
+    Args:
+        paths: The series' files (read in full with ``pydicom.dcmread``).
+        name: How messages name the series (e.g. its folder, relative to the data root).
+        ct_window: HU range mapped to ``[0, 1]`` for CT.
+        mr_percentiles: Percentiles mapped to ``[0, 1]`` for MR.
+        **fields: ``file_name``, ``text``, ``attributes``, ``patient_id``, ``extra`` of the Volume;
+            ``patient_id`` defaults to the first slice's PatientID.
+
+    Returns:
+        The volume in the standard layout: ``array`` ``(D, H, W)`` float32 in HU for CT (stored values
+        through Rescale Slope/Intercept for MR), ``affine`` voxel -> RAS+ mm, ``spacing``
+        ``(slice, row, column)`` mm.
+
+    Raises:
+        SeriesError: no slices, several series, inconsistent orientation or size, duplicate
+            positions, uneven spacing, missing slices, gantry tilt, or an unsupported modality.
+        ValueError: ``paths`` is one path rather than a list of them.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    if isinstance(paths, (str, Path)):
+        raise ValueError(f"paths must be a list of files, got the single path {str(paths)!r} "
+                         "(use read_dicom_series for a folder)")
     slices = []
-    for p in sorted(folder.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
-            continue
+    for p in paths:
         try:
             ds = pydicom.dcmread(str(p))
         except (InvalidDicomError, OSError, ValueError, EOFError):
@@ -103,7 +136,6 @@ def read_dicom_series(folder: str | Path, *, ct_window: Sequence[float] = DEFAUL
         if "PixelData" not in ds or "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
             continue
         slices.append(ds)
-    name = folder.name
     if not slices:
         raise SeriesError(f"{name}: no DICOM image slices with Image Position/Orientation (Patient)")
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in slices}

@@ -107,7 +107,8 @@ def add_volume_train_arguments(parser: argparse.ArgumentParser) -> None:
     ``--preset`` is ``tiny``, ``small`` or ``lean`` (the benchmark's recipe) for volumes.
     """
     parser.add_argument("--dims", type=int, choices=[2, 3], default=2,
-                        help="2 (default): images; 3: volumes (NIfTI files or DICOM series listed in metadata.jsonl)")
+                        help="2 (default): images; 3: volumes (NIfTI files or DICOM series listed in metadata.jsonl, "
+                             "or a DICOM archive without one, texts from --reports-csv)")
     parser.add_argument("--spacing", default=None, metavar="MM",
                         help="--dims 3: resample volumes to this spacing in mm, one number (isotropic) or "
                              "SLICE,ROW,COLUMN (default: keep the files' own, which must then agree)")
@@ -120,8 +121,10 @@ def run_train_3d(args: argparse.Namespace) -> int:
     (upper bound of the steps of each stage: VAE default 200, UNet 1000), ``seed``, ``learning_rate``
     (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the device
     has it natively; ``no``; ``bf16``), ``text_encoder``, ``resume``, ``overwrite``, ``keep_checkpoints``,
-    ``quiet``; refuses 2D-only flags that would be silently ignored. Under ``torchrun`` or ``accelerate
-    launch`` every process runs this; the main process alone prepares the output folder and prints.
+    ``quiet``, ``reports_csv`` (a ``data`` folder of DICOM series without a metadata file: report texts keyed
+    by StudyInstanceUID or AccessionNumber); refuses 2D-only flags that would be silently ignored. Under
+    ``torchrun`` or ``accelerate launch`` every process runs this; the main process alone prepares the output
+    folder and prints.
 
     Raises:
         ValueError: a bad or unsupported flag (named), or a data folder without usable volumes.
@@ -132,13 +135,11 @@ def run_train_3d(args: argparse.Namespace) -> int:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - flags added by train.py
     why_not = {"--init-from": "volumes train from scratch", "--label-text": "volumes carry their own texts",
                "--attribute-conditioning": "the volume UNet conditions on the text states only",
-               "--reports-csv": "volumes carry their own texts",
                "--gradient-accumulation-steps": "the volume trainer steps once per batch",
                "--mixed-precision": "volumes train in float32 or bf16 (no fp16 gradient scaler)"}
     for flag, name, bad in (("--init-from", "init_from", lambda v: v is not None),
                             ("--label-text", "label_text", bool),
                             ("--attribute-conditioning", "attribute_conditioning", bool),
-                            ("--reports-csv", "reports_csv", lambda v: v is not None),
                             ("--gradient-accumulation-steps", "gradient_accumulation_steps", lambda v: v not in (None, 1)),
                             ("--mixed-precision", "mixed_precision", lambda v: v == "fp16")):
         value = get(name)
@@ -193,14 +194,27 @@ def run_train_3d(args: argparse.Namespace) -> int:
     train_config = VolumeTrainConfig.for_preset(preset_name, **train_kwargs)
     data_dir = Path(get("data"))
     if not data_dir.is_dir():
-        raise ValueError(f"--data {str(data_dir)!r}: --dims 3 needs a folder of volumes with metadata.jsonl")
+        raise ValueError(f"--data {str(data_dir)!r} is not a folder: --dims 3 needs a folder of volumes with "
+                         "metadata.jsonl (file_name: a .nii.gz file or a DICOM series folder), or a folder of DICOM "
+                         "series (any tree, e.g. patient/study/series/*.dcm) with --reports-csv or texts built "
+                         "from the headers")
+    reports_csv = get("reports_csv")
+    if reports_csv is not None:  # checked before --overwrite empties the output folder
+        from generator.data.metadata import METADATA_NAMES
+
+        metas = [n for n in METADATA_NAMES if (data_dir / n).is_file()]
+        if metas:
+            raise ValueError(f"--reports-csv {reports_csv!r} is for a --data folder of DICOM series without a metadata "
+                             f"file, but --data {str(data_dir)!r} has {metas[0]}: put the texts in its 'text' column")
+        if not Path(reports_csv).is_file():
+            raise ValueError(f"--reports-csv {reports_csv!r}: no such file")
     output = Path(get("output"))
     on_main_process(state, prepare_model_output, output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
 
     from generator.volumes.ingest import load_volumes
     from generator.volumes.training import VolumeTrainer, VolumeTrainingData
 
-    res = load_volumes(data_dir, spacing=spacing, shape=resolution)
+    res = load_volumes(data_dir, spacing=spacing, shape=resolution, reports_csv=reports_csv)
     if not res.records:
         raise ValueError(f"--data {str(data_dir)!r}: no usable volumes ({res.summary})")
     for skipped in res.skipped[:5] if state.is_main_process else ():

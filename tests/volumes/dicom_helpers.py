@@ -15,14 +15,17 @@ def write_series(folder: Path, hu: np.ndarray, *, spacing: Sequence[float] = (2.
                  iop: Sequence[float] = (1, 0, 0, 0, 1, 0), origin: Sequence[float] = (-10.0, -12.0, 30.0),
                  positions: Sequence[Sequence[float]] | None = None, names: Sequence[str] | None = None,
                  iops: Sequence[Sequence[float]] | None = None, series_uid: str | None = None,
-                 modality: str = "CT") -> list[Path]:
+                 modality: str = "CT", study_uid: str | None = None, patient_id: str = "SYN001",
+                 patient_sex: str | None = None, patient_age: str | None = None) -> list[Path]:
     """One file per slice of ``hu`` ``(slices, rows, columns)``; slice k at ``origin + k*dk*normal``
-    unless ``positions`` says otherwise. Returns the paths written."""
+    unless ``positions`` says otherwise. ``study_uid`` (default: one per folder) lets several series
+    share a study; ``patient_sex``/``patient_age`` (e.g. ``"F"``, ``"070Y"``) are written when given.
+    Returns the paths written."""
     folder.mkdir(parents=True, exist_ok=True)
     iop = np.asarray(iop, float)
     normal = np.cross(iop[:3], iop[3:])
     series_uid = series_uid or generate_uid(entropy_srcs=[str(folder)])
-    study_uid = generate_uid(entropy_srcs=[str(folder), "study"])
+    study_uid = study_uid or generate_uid(entropy_srcs=[str(folder), "study"])
     paths = []
     for k in range(hu.shape[0]):
         pos = positions[k] if positions is not None else np.asarray(origin) + k * spacing[0] * normal
@@ -37,7 +40,11 @@ def write_series(folder: Path, hu: np.ndarray, *, spacing: Sequence[float] = (2.
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
         ds.Modality = modality
-        ds.PatientID = "SYN001"
+        ds.PatientID = patient_id
+        if patient_sex is not None:
+            ds.PatientSex = patient_sex
+        if patient_age is not None:
+            ds.PatientAge = patient_age
         ds.InstanceNumber = k + 1
         ds.ImageOrientationPatient = [float(v) for v in (iops[k] if iops is not None else iop)]
         ds.ImagePositionPatient = [float(v) for v in pos]
