@@ -10,7 +10,8 @@
 
 Each volume is read in the standard layout (:mod:`generator.volumes.records`), resampled to a target
 spacing and centre-cropped or padded to the training shape; unusable rows or series are reported with
-their reason and skipped, never fatal alone.
+their reason and skipped, never fatal alone. :func:`load_volumes` holds them all in memory;
+:func:`iter_volumes` yields the same volumes, in the same order, one at a time.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from conditioning.prompts import normalize_sex
 from generator.data.dataset import _read_reports  # the 2D DICOM folder mode's reports CSV reader
 from generator.data.metadata import METADATA_NAMES, read_metadata_rows, resolve_member, split_row, walk_files
 from generator.data.readers import DicomHeader, read_dicom_header
-from generator.data.records import SkippedFile
+from generator.data.records import IntensityMapping, SkippedFile
 from generator.volumes.geometry import crop_or_pad, parse_shape, parse_spacing, resample
 from generator.volumes.readers import NIFTI_SUFFIXES, SeriesError, read_dicom_files, read_dicom_series, read_nifti
 from generator.volumes.records import (
@@ -36,7 +37,7 @@ from generator.volumes.records import (
     mapping_description,
 )
 
-__all__ = ["load_volumes", "prepare_volume"]
+__all__ = ["load_volumes", "iter_volumes", "prepare_volume", "VolumeStream"]
 
 
 def prepare_volume(volume: Volume, spacing: Sequence[float] | float | None = None,
@@ -66,11 +67,13 @@ def load_volumes(
 ) -> VolumeIngestResult:
     """Read every volume of ``root``: the rows of its metadata file, or else every DICOM series under it.
 
+    All volumes are held in memory; :func:`iter_volumes` reads the same volumes one at a time.
+
     Args:
         root: Folder with ``metadata.jsonl`` or ``metadata.csv`` (columns ``file_name``, ``text``;
             optional ``patient_id``, ``modality``, ``sex``, ``age``, ``findings``, ``label``), or a
             DICOM archive without one (read recursively, one volume per series, see
-            :func:`_load_dicom_archive`).
+            :func:`_archive_stream`).
         spacing: Target ``(slice, row, column)`` mm, one number for isotropic, or ``None`` to keep.
         shape: Training shape ``(D, H, W)`` or one side; ``None`` keeps each volume's own.
         modality: ``"CT"`` or ``"MR"`` for every row; ``None`` reads the row's ``modality`` column
@@ -91,6 +94,111 @@ def load_volumes(
             columns), or a bad argument.
         FileNotFoundError: ``reports_csv`` does not exist.
     """
+    stream = iter_volumes(root, spacing=spacing, shape=shape, modality=modality, ct_window=ct_window,
+                          mr_percentiles=mr_percentiles, reports_csv=reports_csv)
+    return stream.result(list(stream))
+
+
+class VolumeStream:
+    """The prepared volumes of a source, read one at a time (made by :func:`iter_volumes`).
+
+    ``items(stream)`` makes the iterator of volumes; it calls ``stream.skip`` for what it skips and counts
+    ``stream.done``.
+
+    Iterate it once: it yields each usable :class:`Volume` (``(D, H, W)`` float32, physical units,
+    resampled to ``spacing`` and cropped/padded to ``shape``) in ``file_name`` order, reading the pixels
+    of one row or series per step, so that only the volume being yielded is in memory. What it skips
+    and the summary are filled in as it goes and final once it is exhausted.
+
+    Attributes:
+        spacing: The target ``(slice, row, column)`` mm (parsed), or ``None``.
+        shape: The target ``(D, H, W)`` (parsed), or ``None``.
+        total: Rows of the metadata file, or series of the DICOM archive: the most volumes it can yield.
+        done: Rows or series handled so far (yielded or skipped).
+        count: Volumes yielded so far.
+        finished: The iterator is exhausted (``skipped``, ``summary`` and ``intensity`` are final).
+    """
+
+    def __init__(self, items: Callable[["VolumeStream"], Iterator[Volume]], *, total: int, source: str,
+                 spacing: tuple[float, float, float] | None, shape: tuple[int, int, int] | None,
+                 skipped: Sequence[SkippedFile] = (), note: str = "") -> None:
+        self.spacing, self.shape, self.total = spacing, shape, int(total)
+        self.done = self.count = 0
+        self.finished = False
+        self._source, self._note = source, note
+        self._skips: list[tuple[int, SkippedFile]] = []
+        self._mappings: dict[str, IntensityMapping] = {}  # the first mapping of each kind, the first one first
+        for s in skipped:
+            self.skip(s)
+        self._items = items(self)
+        self._started = False
+
+    def __iter__(self) -> Iterator[Volume]:
+        if self._started:
+            raise ValueError("a VolumeStream is read once; call iter_volumes again to read the source again")
+        self._started = True
+        for vol in self._items:
+            self.count += 1
+            self._mappings.setdefault(vol.intensity.kind, vol.intensity)
+            yield vol
+            del vol  # not held while the next one is read
+        self.finished = True
+
+    def skip(self, entry: SkippedFile, key: int | None = None) -> None:
+        """Record a skipped row, file or series; ``key`` is its place in the source order (``None``: the
+        number recorded so far, for sources whose skips come in order)."""
+        self._skips.append((len(self._skips) if key is None else int(key), entry))
+
+    @property
+    def skipped(self) -> list[SkippedFile]:
+        """Skipped rows, files or series with reasons, in the source's order (metadata row order; for a DICOM
+        archive: unreadable files first, then series by name), as :func:`load_volumes` lists them."""
+        return [s for _, s in sorted(self._skips, key=lambda t: t[0])]
+
+    @property
+    def intensity(self) -> dict[str, Any]:
+        """The dataset-level description of the yielded volumes' mappings (:func:`mapping_description`, which
+        reads only the first mapping and the set of kinds: the first of each kind is kept, not one per volume)."""
+        return mapping_description(list(self._mappings.values()))
+
+    @property
+    def summary(self) -> str:
+        """"read N volumes from <source>, skipped K (reason xn; ...)<note>": :func:`load_volumes`'s line once
+        the stream is exhausted (so far, before)."""
+        return _summary(self.count, self.skipped, self._source, self._note)
+
+    def result(self, records: list[Volume]) -> VolumeIngestResult:
+        """The :class:`VolumeIngestResult` of ``records`` (the volumes this stream yielded, kept by the caller)."""
+        return _result(records, self.skipped, self._source, self.spacing, self.shape, self._note)
+
+
+def iter_volumes(
+    root: str | Path,
+    *,
+    spacing: Sequence[float] | float | str | None = None,
+    shape: Sequence[int] | int | None = None,
+    modality: str | None = None,
+    ct_window: Sequence[float] = DEFAULT_CT_WINDOW,
+    mr_percentiles: Sequence[float] = DEFAULT_MR_PERCENTILES,
+    reports_csv: str | Path | None = None,
+) -> VolumeStream:
+    """The volumes of ``root`` as :func:`load_volumes` reads them, one at a time (memory flat in their number).
+
+    The arguments are checked, the metadata file read (or the DICOM archive's headers scanned and grouped
+    into series) before this returns; the pixels of a row or series are read when the stream reaches it.
+    Rows are taken in ``file_name`` order (a stable sort: equal names keep their row order) and series in
+    name order, so the stream yields exactly :func:`load_volumes`'s ``records``, in their order, and ends
+    with the same ``skipped`` list and ``summary``.
+
+    Args:
+        root, spacing, shape, modality, ct_window, mr_percentiles, reports_csv: As :func:`load_volumes`.
+
+    Returns:
+        A :class:`VolumeStream` (iterate it once).
+
+    Raises:
+        ValueError, FileNotFoundError: as :func:`load_volumes`, before any pixel is read.
+    """
     root = Path(root)
     sp = parse_spacing(spacing)
     sh = parse_shape(shape)
@@ -101,8 +209,8 @@ def load_volumes(
                          "or with DICOM series)")
     metas = [root / n for n in METADATA_NAMES if (root / n).is_file()]
     if not metas:
-        return _load_dicom_archive(root, sp, sh, modality=modality, ct_window=ct_window,
-                                   mr_percentiles=mr_percentiles, reports_csv=reports_csv)
+        return _archive_stream(root, sp, sh, modality=modality, ct_window=ct_window,
+                               mr_percentiles=mr_percentiles, reports_csv=reports_csv)
     if len(metas) > 1:
         raise ValueError(f"{root} has both metadata.jsonl and metadata.csv; keep only one")
     meta = metas[0]
@@ -110,38 +218,61 @@ def load_volumes(
         raise ValueError(f"reports_csv={str(reports_csv)!r} is for a DICOM folder without a metadata file, but {root} "
                          f"has {meta.name}: put the texts in its 'text' column, or leave reports_csv out")
     rows = read_metadata_rows(meta)
-    records: list[Volume] = []
-    skipped: list[SkippedFile] = []
-    for i, row in enumerate(rows, 1):
-        name = row.get("file_name")
-        try:
-            path = resolve_member(root, name, source=meta, row=i)
-        except ValueError as exc:
-            skipped.append(SkippedFile(str(name), str(exc)))
-            continue
-        attributes, extra = split_row(row, from_csv=meta.suffix == ".csv")
-        pid = attributes.get("patient_id")
-        fields = dict(file_name=str(name), text=str(row.get("text") or ""), attributes=attributes,
-                      patient_id=None if pid is None else str(pid), extra=extra)
-        row_modality = modality or (str(attributes["modality"]).upper() if attributes.get("modality") else None)
-        try:
-            if not path.exists():
-                raise SeriesError(f"{name}: no such file or folder")
-            if path.is_dir():
-                vol = read_dicom_series(path, ct_window=ct_window, mr_percentiles=mr_percentiles, **fields)
-                if row_modality is not None and vol.modality != row_modality:
-                    raise SeriesError(f"{name}: the series is {vol.modality} but the row says {row_modality}")
-            elif path.name.lower().endswith(NIFTI_SUFFIXES):
-                vol = read_nifti(path, modality=row_modality or "CT", ct_window=ct_window,
-                                 mr_percentiles=mr_percentiles, **fields)
-            else:
-                raise SeriesError(f"{name}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
-            vol = prepare_volume(vol, sp, sh)
-        except SeriesError as exc:
-            skipped.append(SkippedFile(str(name), str(exc)))
-            continue
-        records.append(vol)
-    return _result(records, skipped, f"{len(rows)} rows", sp, sh)
+    # file_name order before any pixel is read (stable: what sorting the records afterwards would give)
+    order = sorted(range(len(rows)), key=lambda k: str(rows[k].get("file_name")))
+
+    def items(stream: VolumeStream) -> Iterator[Volume]:
+        for k in order:
+            vol = _read_row(stream, root, meta, rows[k], k, sp, sh, modality=modality, ct_window=ct_window,
+                            mr_percentiles=mr_percentiles)
+            stream.done += 1
+            if vol is not None:
+                yield vol
+            del vol  # not held while the next one is read
+
+    return VolumeStream(items, total=len(rows), source=f"{len(rows)} rows", spacing=sp, shape=sh)
+
+
+def _read_row(stream: VolumeStream, root: Path, meta: Path, row: dict[str, Any], k: int,
+              sp: tuple[float, float, float] | None, sh: tuple[int, int, int] | None, *, modality: str | None,
+              ct_window: Sequence[float], mr_percentiles: Sequence[float]) -> Volume | None:
+    """The prepared volume of metadata row ``k`` (0-based), or ``None`` after recording why it is skipped."""
+    name = row.get("file_name")
+    try:
+        path = resolve_member(root, name, source=meta, row=k + 1)
+    except ValueError as exc:
+        stream.skip(SkippedFile(str(name), str(exc)), k)
+        return None
+    attributes, extra = split_row(row, from_csv=meta.suffix == ".csv")
+    pid = attributes.get("patient_id")
+    fields = dict(file_name=str(name), text=str(row.get("text") or ""), attributes=attributes,
+                  patient_id=None if pid is None else str(pid), extra=extra)
+    row_modality = modality or (str(attributes["modality"]).upper() if attributes.get("modality") else None)
+    try:
+        if not path.exists():
+            raise SeriesError(f"{name}: no such file or folder")
+        if path.is_dir():
+            vol = read_dicom_series(path, ct_window=ct_window, mr_percentiles=mr_percentiles, **fields)
+            if row_modality is not None and vol.modality != row_modality:
+                raise SeriesError(f"{name}: the series is {vol.modality} but the row says {row_modality}")
+        elif path.name.lower().endswith(NIFTI_SUFFIXES):
+            vol = read_nifti(path, modality=row_modality or "CT", ct_window=ct_window,
+                             mr_percentiles=mr_percentiles, **fields)
+        else:
+            raise SeriesError(f"{name}: not a NIfTI file (.nii, .nii.gz) or a DICOM series folder")
+        return prepare_volume(vol, sp, sh)
+    except SeriesError as exc:
+        stream.skip(SkippedFile(str(name), str(exc)), k)
+        return None
+
+
+def _summary(n: int, skipped: list[SkippedFile], source: str, note: str = "") -> str:
+    """"read N volumes from <source>, skipped K (reason xn; ...)<note>"."""
+    reasons = Counter(s.reason.split(": ", 1)[-1].split(":")[0] for s in skipped)
+    summary = f"read {n} volumes from {source}, skipped {len(skipped)}"
+    if reasons:
+        summary += " (" + "; ".join(f"{r} x{n}" for r, n in reasons.most_common(5)) + ")"
+    return summary + note
 
 
 def _result(records: list[Volume], skipped: list[SkippedFile], source: str, sp: tuple[float, float, float] | None,
@@ -149,12 +280,9 @@ def _result(records: list[Volume], skipped: list[SkippedFile], source: str, sp: 
     """The :class:`VolumeIngestResult` of ``records`` (sorted here) with the one-line summary
     "read N volumes from <source>, skipped K (reason xn; ...)<note>"."""
     records.sort(key=lambda v: v.file_name)
-    reasons = Counter(s.reason.split(": ", 1)[-1].split(":")[0] for s in skipped)
-    summary = f"read {len(records)} volumes from {source}, skipped {len(skipped)}"
-    if reasons:
-        summary += " (" + "; ".join(f"{r} x{n}" for r, n in reasons.most_common(5)) + ")"
     return VolumeIngestResult(records=records, skipped=skipped, spacing=sp, shape=sh,
-                              intensity=mapping_description([r.intensity for r in records]), summary=summary + note)
+                              intensity=mapping_description([r.intensity for r in records]),
+                              summary=_summary(len(records), skipped, source, note))
 
 
 @dataclass
@@ -229,7 +357,7 @@ def _series_names(root: Path, series: dict[str, _Series]) -> dict[str, str]:
     return {uid: f"{f}#{uid}" if shared[f] > 1 else f for uid, f in folders.items()}
 
 
-def _load_dicom_archive(
+def _archive_stream(
     root: Path,
     sp: tuple[float, float, float] | None,
     sh: tuple[int, int, int] | None,
@@ -238,13 +366,13 @@ def _load_dicom_archive(
     ct_window: Sequence[float],
     mr_percentiles: Sequence[float],
     reports_csv: str | Path | None,
-) -> VolumeIngestResult:
+) -> VolumeStream:
     """Read a DICOM archive without a metadata file: one volume per CT/MR series found under ``root``.
 
-    Every file under ``root`` is looked at (recursively; hidden files and folders skipped). Files that
-    are not DICOM, and DICOM objects without Pixel Data or Image Position/Orientation (Patient)
-    (DICOMDIR, structured reports, ...), are ignored and counted in the summary. Image slices are
-    grouped by SeriesInstanceUID, wherever they lie, and each series is read with
+    Every file under ``root`` is looked at (recursively; hidden files and folders skipped) before this
+    returns. Files that are not DICOM, and DICOM objects without Pixel Data or Image Position/Orientation
+    (Patient) (DICOMDIR, structured reports, ...), are ignored and counted in the summary. Image slices are
+    grouped by SeriesInstanceUID, wherever they lie; the stream then reads each series, in name order, with
     :func:`generator.volumes.readers.read_dicom_files` (the rules of a series folder).
 
     A volume's ``file_name`` is the POSIX path, relative to ``root`` (``"."`` for ``root`` itself), of the
@@ -265,9 +393,9 @@ def _load_dicom_archive(
             ``None``: the text is the header's caption (:meth:`DicomHeader.text`).
 
     Returns:
-        Volumes sorted by ``file_name``; skipped series (failed validation: missing slices, uneven
-        spacing, mixed orientation...; a modality other than CT/MR; no report) and unreadable DICOM
-        files, each with its reason; the summary "read N volumes from M series, skipped K (...)".
+        A stream of the volumes sorted by ``file_name``; it skips series that fail validation (missing
+        slices, uneven spacing, mixed orientation...), have a modality other than CT/MR or no report, and
+        lists unreadable DICOM files; its summary is "read N volumes from M series, skipped K (...)".
 
     Raises:
         ValueError: ``root`` holds no DICOM image series, or a reports CSV without the needed columns.
@@ -278,57 +406,74 @@ def _load_dicom_archive(
     if reports_csv is not None:
         key, reports = _read_reports(reports_csv)
     csv_path = Path(reports_csv).resolve() if reports_csv is not None else None
-    series, skipped, files, ignored = _scan_archive(root, csv_path)
+    series, scan_skipped, files, ignored = _scan_archive(root, csv_path)
     if not series:
         raise ValueError(f"{root}: no metadata.jsonl or metadata.csv and no DICOM image series found ({files} files "
                          f"looked at, {ignored} not DICOM image slices); expected a metadata file (file_name, text) "
                          "or DICOM series (files with Pixel Data and Image Position/Orientation (Patient))")
     names = _series_names(root, series)
-    records: list[Volume] = []
-    for uid in sorted(series, key=lambda u: names[u]):
-        s, name = series[uid], names[uid]
-        header = s.header
-        if header.modality not in ("CT", "MR"):
-            skipped.append(SkippedFile(name, f"{name}: Modality {header.modality!r} is not CT or MR"))
-            continue
-        if modality is not None and header.modality != modality:
-            skipped.append(SkippedFile(name, f"{name}: the series is {header.modality} but modality={modality!r} "
-                                             "was asked"))
-            continue
-        attributes = header.attributes()
-        try:
-            normalize_sex(attributes.get("sex"))
-        except ValueError:  # a PatientSex other than M, F, O: not a value the prompts know
-            attributes.pop("sex")
-        extra: dict[str, Any] = {}
-        if reports is not None:
-            value = header.study_uid if key == "StudyInstanceUID" else header.accession
-            row = reports.get(value or "")
-            if row is None:
-                skipped.append(SkippedFile(name, f"{name}: no report: {key} {value!r} is not in "
-                                                 f"{Path(reports_csv).name}"))
-                continue
-            text = str(row.get("text") or "")
-            more, extra = split_row(row, from_csv=True)
-            attributes.update(more)
-        else:
-            text = header.text()  # what the header says, never a finding it does not state
-        pid = attributes.get("patient_id")
-        fields = dict(file_name=name, text=text, attributes=attributes, patient_id=None if pid is None else str(pid),
-                      extra=extra)
-        try:
-            vol = read_dicom_files(s.paths, name=name, ct_window=ct_window, mr_percentiles=mr_percentiles, **fields)
-        except SeriesError as exc:
-            skipped.append(SkippedFile(name, str(exc)))
-            continue
-        except Exception as exc:  # noqa: BLE001 - e.g. compressed pixel data without a decoder: report, go on
-            skipped.append(SkippedFile(name, f"{name}: unreadable DICOM series: {type(exc).__name__}: {exc}"))
-            continue
-        try:
-            vol = prepare_volume(vol, sp, sh)
-        except SeriesError as exc:
-            skipped.append(SkippedFile(name, str(exc)))
-            continue
-        records.append(vol)
+    uids = sorted(series, key=lambda u: names[u])  # name order before any pixel is read
+
+    def items(stream: VolumeStream) -> Iterator[Volume]:
+        for uid in uids:
+            vol = _read_series(stream, series[uid], names[uid], sp, sh, modality=modality, ct_window=ct_window,
+                               mr_percentiles=mr_percentiles, key=key, reports=reports, reports_csv=reports_csv)
+            stream.done += 1
+            if vol is not None:
+                yield vol
+            del vol  # not held while the next one is read
+
     note = f"; ignored {ignored} files that are not DICOM image slices" if ignored else ""
-    return _result(records, skipped, f"{len(series)} series", sp, sh, note)
+    return VolumeStream(items, total=len(series), source=f"{len(series)} series", spacing=sp, shape=sh,
+                        skipped=scan_skipped, note=note)
+
+
+def _read_series(stream: VolumeStream, s: _Series, name: str, sp: tuple[float, float, float] | None,
+                 sh: tuple[int, int, int] | None, *, modality: str | None, ct_window: Sequence[float],
+                 mr_percentiles: Sequence[float], key: str | None, reports: dict[str, dict[str, Any]] | None,
+                 reports_csv: str | Path | None) -> Volume | None:
+    """The prepared volume of series ``s`` (named ``name``), or ``None`` after recording why it is skipped."""
+
+    def skip(reason: str) -> None:
+        stream.skip(SkippedFile(name, reason))
+
+    header = s.header
+    if header.modality not in ("CT", "MR"):
+        skip(f"{name}: Modality {header.modality!r} is not CT or MR")
+        return None
+    if modality is not None and header.modality != modality:
+        skip(f"{name}: the series is {header.modality} but modality={modality!r} was asked")
+        return None
+    attributes = header.attributes()
+    try:
+        normalize_sex(attributes.get("sex"))
+    except ValueError:  # a PatientSex other than M, F, O: not a value the prompts know
+        attributes.pop("sex")
+    extra: dict[str, Any] = {}
+    if reports is not None:
+        value = header.study_uid if key == "StudyInstanceUID" else header.accession
+        row = reports.get(value or "")
+        if row is None:
+            skip(f"{name}: no report: {key} {value!r} is not in {Path(reports_csv).name}")  # type: ignore[arg-type]
+            return None
+        text = str(row.get("text") or "")
+        more, extra = split_row(row, from_csv=True)
+        attributes.update(more)
+    else:
+        text = header.text()  # what the header says, never a finding it does not state
+    pid = attributes.get("patient_id")
+    fields = dict(file_name=name, text=text, attributes=attributes, patient_id=None if pid is None else str(pid),
+                  extra=extra)
+    try:
+        vol = read_dicom_files(s.paths, name=name, ct_window=ct_window, mr_percentiles=mr_percentiles, **fields)
+    except SeriesError as exc:
+        skip(str(exc))
+        return None
+    except Exception as exc:  # noqa: BLE001 - e.g. compressed pixel data without a decoder: report, go on
+        skip(f"{name}: unreadable DICOM series: {type(exc).__name__}: {exc}")
+        return None
+    try:
+        return prepare_volume(vol, sp, sh)
+    except SeriesError as exc:
+        skip(str(exc))
+        return None

@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Mapping
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ from generator.volumes.models import (
     build_vae,
 )
 from generator.volumes.records import VolumeIngestResult
+
+if TYPE_CHECKING:
+    from generator.volumes.store import VolumeStore
 
 __all__ = ["VolumeTrainConfig", "VolumeTrainingData", "VolumeTrainer", "VolumeTrainResult", "VOLUME_TRAIN_PRESETS"]
 
@@ -184,7 +187,10 @@ class VolumeTrainingData:
     """Training volumes in model range with their texts and the common geometry.
 
     Attributes:
-        volumes: ``(N, D, H, W)`` float32 in ``[0, 1]``.
+        volumes: ``(N, D, H, W)`` float32 in ``[0, 1]``: in memory, or a memory map of a volume store
+            (:meth:`from_store`). A C-order float32 array (a read-only ``np.memmap`` included) is kept as it
+            is, never copied; its values are checked a chunk of volumes at a time, so checking a memory map
+            does not load it. Other arrays are converted to C-order float32.
         texts: N prompts.
         spacing: ``(slice, row, column)`` mm of every volume.
         intensity: Mapping from ``[0, 1]`` to physical units (the dataset's).
@@ -201,14 +207,17 @@ class VolumeTrainingData:
     fingerprint: str = ""
 
     def __post_init__(self) -> None:
-        v = np.asarray(self.volumes, dtype=np.float32)
+        v = self.volumes
+        if not (isinstance(v, np.ndarray) and v.dtype == np.float32 and v.flags.c_contiguous):
+            v = np.ascontiguousarray(v, dtype=np.float32)
         if v.ndim != 4 or v.shape[0] < 1:
             raise ValueError(f"volumes must be (N, D, H, W) with N >= 1, got shape {v.shape}")
         if len(self.texts) != v.shape[0]:
             raise ValueError(f"texts has {len(self.texts)} entries but volumes has {v.shape[0]}")
-        if not np.isfinite(v).all() or v.min() < 0 or v.max() > 1:
-            raise ValueError(f"volumes must be finite in [0, 1], got range [{v.min():.4g}, {v.max():.4g}]")
-        self.volumes = np.ascontiguousarray(v)
+        finite, lo, hi = _value_range(v)
+        if not finite or lo < 0 or hi > 1:
+            raise ValueError(f"volumes must be finite in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        self.volumes = v
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
 
     @classmethod
@@ -227,10 +236,40 @@ class VolumeTrainingData:
         return cls(volumes=result.stack(), texts=[r.text for r in result.records],
                    spacing=result.records[0].spacing, intensity=first, fingerprint=result.fingerprint())
 
+    @classmethod
+    def from_store(cls, store: "VolumeStore") -> "VolumeTrainingData":
+        """From a volume store (:func:`generator.volumes.store.write_volume_store`), without loading it:
+        ``volumes`` is a copy-on-write memory map of its ``volumes.npy`` (writable for torch, never written
+        to the file), read as training indexes it. Same volumes, texts, spacing, intensity and fingerprint
+        as :meth:`from_ingest` of the same source and settings, so training gives the same weights.
+
+        Raises:
+            ValueError: the store's ``volumes.npy`` no longer matches its ``store.json``.
+        """
+        return cls(volumes=store.memmap("c"), texts=store.texts, spacing=store.spacing, intensity=store.intensity,
+                   fingerprint=store.fingerprint)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(D, H, W)``."""
         return tuple(int(s) for s in self.volumes.shape[1:])  # type: ignore[return-value]
+
+
+#: Voxels checked at a time by :func:`_value_range` (64 MB of float32).
+_CHECK_VOXELS = 1 << 24
+
+
+def _value_range(volumes: np.ndarray) -> tuple[bool, float, float]:
+    """``(all finite, min, max)`` of ``(N, D, H, W)`` ``volumes``, read a chunk of volumes at a time (a memory map
+    is not loaded whole; no temporary larger than a chunk). ``min``/``max`` are NaN when a NaN is present."""
+    step = max(1, _CHECK_VOXELS // max(1, int(np.prod(volumes.shape[1:]))))
+    finite, lows, highs = True, [], []
+    for i in range(0, volumes.shape[0], step):
+        chunk = volumes[i:i + step]
+        finite = finite and bool(np.isfinite(chunk).all())
+        lows.append(chunk.min())
+        highs.append(chunk.max())
+    return finite, float(np.min(lows)), float(np.max(highs))
 
 
 @dataclass

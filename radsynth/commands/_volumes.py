@@ -122,9 +122,12 @@ def run_train_3d(args: argparse.Namespace) -> int:
     (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the device
     has it natively; ``no``; ``bf16``), ``text_encoder``, ``resume``, ``overwrite``, ``keep_checkpoints``,
     ``quiet``, ``reports_csv`` (a ``data`` folder of DICOM series without a metadata file: report texts keyed
-    by StudyInstanceUID or AccessionNumber); refuses 2D-only flags that would be silently ignored. Under
-    ``torchrun`` or ``accelerate launch`` every process runs this; the main process alone prepares the output
-    folder and prints.
+    by StudyInstanceUID or AccessionNumber), ``stream_from_disk`` (the volumes are first written one at a time
+    into the volume store ``OUTPUT/checkpoints/prepared_volumes`` (:mod:`generator.volumes.store`) and training
+    reads them from there, memory-mapped, so memory does not grow with their number; with ``resume`` a store
+    written from the same source and settings is reused; the weights equal those of the in-memory path);
+    refuses 2D-only flags that would be silently ignored. Under ``torchrun`` or ``accelerate launch`` every
+    process runs this; the main process alone prepares the output folder (and the store) and prints.
 
     Raises:
         ValueError: a bad or unsupported flag (named), or a data folder without usable volumes.
@@ -211,22 +214,34 @@ def run_train_3d(args: argparse.Namespace) -> int:
     output = Path(get("output"))
     on_main_process(state, prepare_model_output, output, resume=bool(get("resume")), overwrite=bool(get("overwrite")))
 
-    from generator.volumes.ingest import load_volumes
     from generator.volumes.training import VolumeTrainer, VolumeTrainingData
 
-    res = load_volumes(data_dir, spacing=spacing, shape=resolution, reports_csv=reports_csv)
-    if not res.records:
-        raise ValueError(f"--data {str(data_dir)!r}: no usable volumes ({res.summary})")
-    for skipped in res.skipped[:5] if state.is_main_process else ():
-        print(f"  skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
-    try:
-        data = VolumeTrainingData.from_ingest(res)
-    except ValueError as exc:
-        raise ValueError(f"--data {str(data_dir)!r}: {exc}; pass --spacing MM to resample them to one grid") from None
     quiet = bool(get("quiet")) or not state.is_main_process
+    if get("stream_from_disk"):
+        from generator.volumes.store import PREPARED_VOLUMES_DIR, VolumeStore
+
+        folder = output / "checkpoints" / PREPARED_VOLUMES_DIR
+        on_main_process(state, _write_store, folder, data_dir, spacing=spacing, shape=resolution,
+                        reports_csv=reports_csv, reuse=bool(get("resume")), progress=not quiet)
+        store = VolumeStore.open(folder)  # every process, once the main one has written it
+        summary, where = store.summary, f", read from {folder}"
+        _print_skipped(store.skipped, state)
+        data = VolumeTrainingData.from_store(store)
+    else:
+        from generator.volumes.ingest import load_volumes
+
+        res = load_volumes(data_dir, spacing=spacing, shape=resolution, reports_csv=reports_csv)
+        if not res.records:
+            raise ValueError(f"--data {str(data_dir)!r}: no usable volumes ({res.summary})")
+        summary, where = res.summary, ""
+        _print_skipped(res.skipped, state)
+        try:
+            data = VolumeTrainingData.from_ingest(res)
+        except ValueError as exc:
+            raise ValueError(f"--data {str(data_dir)!r}: {exc}; {_ONE_GRID}") from None
     if not quiet:
-        print(f"{res.summary}; training {data.volumes.shape[0]} volumes of {data.shape} at {data.spacing} mm "
-              f"(preset {preset_name})", flush=True)
+        print(f"{summary}; training {data.volumes.shape[0]} volumes of {data.shape} at {data.spacing} mm "
+              f"(preset {preset_name}){where}", flush=True)
     result = VolumeTrainer(data, output, config, train_config, text_encoder=get("text_encoder"),
                            resume=bool(get("resume")), progress=not quiet).run()
     if not state.is_main_process:
@@ -237,6 +252,35 @@ def run_train_3d(args: argparse.Namespace) -> int:
           f"loss vae {result.vae_loss:.4f} unet {result.unet_loss:.4f}, {result.seconds:.0f} s); "
           f"log: {output / 'train_log.csv'}")
     return 0
+
+
+def _print_skipped(skipped: list[Any], state: Any) -> None:
+    """The first five skipped rows or series with their reasons, on stderr (main process)."""
+    for entry in skipped[:5] if state.is_main_process else ():
+        print(f"  skipped {entry.path}: {entry.reason}", file=sys.stderr)
+
+
+#: What the volumes of ``--data`` on several grids are told to do.
+_ONE_GRID = "pass --spacing MM to resample them to one grid"
+
+
+def _write_store(folder: Path, data_dir: Path, *, spacing: tuple[float, float, float] | None, shape: int,
+                 reports_csv: str | None, reuse: bool, progress: bool) -> None:
+    """``--stream-from-disk``: write the volume store of ``--data`` at ``folder`` (main process only), or with
+    ``reuse`` (``--resume``) keep the one there when it was written from the same source and settings.
+
+    Raises:
+        ValueError: no usable volumes, or volumes on several grids (the messages of the in-memory path,
+            naming ``--data``), or what the reader raises for the folder.
+    """
+    from generator.volumes.store import VolumeSetError, write_volume_store
+
+    try:
+        write_volume_store(folder, data_dir, spacing=spacing, shape=shape, reports_csv=reports_csv, reuse=reuse,
+                           progress=progress)
+    except VolumeSetError as exc:
+        hint = "" if exc.kind == "empty" else f"; {_ONE_GRID}"
+        raise ValueError(f"--data {str(data_dir)!r}: {exc}{hint}") from None
 
 
 # ------------------------------------------------------------------------------------------ generate

@@ -16,7 +16,7 @@ and a model card. Training data never goes into the model folder.
 --data may be a raw source (held in memory: fine for small sets) or a folder written by
 `radsynth prepare` (read from disk in bounded memory, whatever its size). With
 --stream-from-disk a raw source is first prepared into OUTPUT/checkpoints/prepared and read
-from there. Latents are cached on disk (OUTPUT/checkpoints/latents-*.npy, memory-mapped)."""
+from there (with --dims 3: a volume store in OUTPUT/checkpoints/prepared_volumes, memory-mapped). Latents are cached on disk (OUTPUT/checkpoints/latents-*.npy, memory-mapped)."""
 
 EPILOG = """examples:
   # an imagefolder (images + metadata.jsonl with file_name and text), 20 CPU-minutes
@@ -94,7 +94,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream-from-disk", action="store_true",
                    help="raw --data: prepare it first into OUTPUT/checkpoints/prepared (as 'radsynth prepare' "
                         "does; --resume continues an interrupted preparation) and read training batches from "
-                        "there, so memory does not grow with the number of images (default: hold the images "
+                        "there, so memory does not grow with the number of images; with --dims 3 a volume store in "
+                        "OUTPUT/checkpoints/prepared_volumes (default: hold the images "
                         "in memory; a prepared --data is always read from disk)")
     p.add_argument("--dataloader-workers", type=int, default=0, metavar="N",
                    help="processes reading training batches (and preparing, with --stream-from-disk); results "
