@@ -262,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
                         "else 3)")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (RadSynthPipeline guidance_rescale; default 0: plain guidance)")
+    p.add_argument("--negative", choices=["null", "normal"], default="null",
+                   help="negative prompt of guidance: null (default, the empty prompt the model was trained to "
+                        "drop to) or normal (the same person's normal study, build_prompt with no findings; the "
+                        "empty prompt for prompts without findings)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="torch device for sampling (default cpu)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
@@ -279,16 +283,20 @@ def main(argv: list[str] | None = None) -> int:
 
     def sample(texts: list[str], attrs: list[dict[str, Any]], base: int) -> np.ndarray:
         out = []
+        negatives = [build_prompt({**a, "findings": []}) if args.negative == "normal" and a.get("findings") else ""
+                     for a in attrs]
         for i in range(0, len(texts), 16):
             chunk = texts[i : i + 16]
             out.append(pipe(chunk, seeds=list(range(base + i, base + i + len(chunk))),
+                            negative_prompt=negatives[i : i + 16],
                             num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                             guidance_rescale=args.guidance_rescale).images)
         return np.concatenate(out)
 
     result = evaluate(sample, info.resolution, args.num_images, args.seed)
     print(f"\nmodel {info.path} ({info.model_hash}), {args.num_images} images per prompt, "
-          f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale} (rescale {args.guidance_rescale}), "
+          f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale} (rescale {args.guidance_rescale}, negative "
+          f"{args.negative}), "
           f"{time.time() - t0:.0f} s\n")
     print(format_table(result))
     if args.json:
