@@ -41,6 +41,8 @@ Examples::
     python scripts/bench_sample.py --model bench_out/model --guidance-sweep 1,2,3,5 --skip-speed
     # guidance only in a band of noise levels (Kynkaenniemi et al. 2024), beside the default row
     python scripts/bench_sample.py --model bench_out/model --skip-speed --dpm-steps "" --no-ddpm --guidance-intervals 0.5:11,1:inf
+    # guidance rescale (Lin et al. 2023) at guidance 2 and 4, beside the default row
+    python scripts/bench_sample.py --model bench_out/model --skip-speed --dpm-steps "" --no-ddpm --guidance-rescales 2:0.7,4:0.7
 
     # issue 14: defaults vs the stock loop (speed) and vs DPM 20 fp32 (FD), one thread
     python scripts/bench_sample.py --model bench_out/model --out bench_out/i14 --threads 1 \\
@@ -317,16 +319,17 @@ def speed_section(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ (b) quality
 def generate(pipe: Any, n: int, steps: int, guidance: float, precision: str, batch_size: int,
-             seed: int, label: str, interval: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``); ``interval``: the
-    pipeline's ``guidance_interval``."""
+             seed: int, label: str, interval: tuple[float, float] | None = None,
+             rescale: float = 0.0) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` class-balanced samples (prompt ``i`` = label ``i % 2``, seed ``seed + i``); ``interval`` and
+    ``rescale``: the pipeline's ``guidance_interval`` and ``guidance_rescale``."""
     prompts, labels = prompts_and_labels(n)
     out = []
     t0 = time.perf_counter()
     for i in range(0, n, batch_size):
         out.append(pipe(prompts[i : i + batch_size], seeds=list(range(seed + i, seed + min(n, i + batch_size))),
                         num_inference_steps=steps, guidance_scale=guidance, precision=precision,
-                        guidance_interval=interval).images)
+                        guidance_interval=interval, guidance_rescale=rescale).images)
         say(f"  {label}: {min(n, i + batch_size)}/{n} images ({time.perf_counter() - t0:.0f} s)")
     return np.concatenate(out), labels, time.perf_counter() - t0
 
@@ -432,6 +435,9 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
     for lo, hi in args.guidance_intervals:
         configs.append({"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": g0,
                         "precision": pipe.resolve_precision("auto"), "n": n_main, "interval": [lo, hi]})
+    for g, phi in args.guidance_rescales:
+        configs.append({"sampler": DEFAULT_SAMPLER, "steps": DEFAULT_STEPS, "guidance": g,
+                        "precision": pipe.resolve_precision("auto"), "n": n_main, "rescale": phi})
     for g in args.guidance_sweep:
         if g != g0:
             configs.append({"sampler": "dpm", "steps": args.sweep_steps, "guidance": g, "precision": "fp32",
@@ -442,10 +448,12 @@ def quality_section(args: argparse.Namespace) -> dict[str, Any]:
         tag = f"{c['sampler']}{c['steps']}_g{c['guidance']:g}_{c['precision']}"
         if c.get("interval"):
             tag += "_interval{:g}-{:g}".format(*c["interval"])
+        if c.get("rescale"):
+            tag += f"_rescale{c['rescale']:g}"
         pipe.scheduler = make_sampler(c["sampler"], base_sched)
         say(f"quality: {tag} ({c['n']} images)")
         syn, labels, secs = generate(pipe, c["n"], c["steps"], c["guidance"], c["precision"], args.batch_size,
-                                     args.seed, tag, interval=c.get("interval"))
+                                     args.seed, tag, interval=c.get("interval"), rescale=c.get("rescale", 0.0))
         fs = clf.features(syn)
         row = {**c, "tag": tag, "seconds": secs, "images_per_s": c["n"] / secs,
                "fd": {str(n): frechet_distance(fs[:n], fv) for n in sizes if n <= c["n"]},
@@ -550,15 +558,25 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def _intervals(text: str) -> list[tuple[float, float]]:
-    """``"0.5:11,1:inf"`` -> ``[(0.5, 11.0), (1.0, inf)]``."""
+def _pairs(text: str, form: str) -> list[tuple[float, float]]:
+    """``"0.5:11,1:inf"`` -> ``[(0.5, 11.0), (1.0, inf)]``; ``form`` names the two numbers in errors."""
     out = []
     for item in (x for x in text.split(",") if x):
-        lo, sep, hi = item.partition(":")
+        a, sep, b = item.partition(":")
         if not sep:
-            raise argparse.ArgumentTypeError(f"an interval must look like LO:HI, got {item!r}")
-        out.append((float(lo), float(hi)))
+            raise argparse.ArgumentTypeError(f"each item must look like {form}, got {item!r}")
+        out.append((float(a), float(b)))
     return out
+
+
+def _intervals(text: str) -> list[tuple[float, float]]:
+    """``"0.5:11,1:inf"`` -> ``[(0.5, 11.0), (1.0, inf)]``."""
+    return _pairs(text, "LO:HI")
+
+
+def _rescales(text: str) -> list[tuple[float, float]]:
+    """``"2:0.7,4:0.7"`` -> ``[(2.0, 0.7), (4.0, 0.7)]`` (guidance scale, guidance rescale)."""
+    return _pairs(text, "GUIDANCE:RESCALE")
 
 
 def _floats(text: str) -> list[float]:
@@ -601,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-intervals", type=_intervals, default=[], metavar="LO:HI,...",
                    help="also score the default sampler with guidance only at noise levels sigma in [LO, HI] "
                         "(RadSynthPipeline guidance_interval), one row per interval")
+    p.add_argument("--guidance-rescales", type=_rescales, default=[], metavar="G:PHI,...",
+                   help="also score the default sampler at guidance G with guidance rescale PHI "
+                        "(RadSynthPipeline guidance_rescale, Lin et al. 2023), one row per pair")
     p.add_argument("--sweep-steps", type=int, default=20, help="steps of the guidance sweep (default 20)")
     p.add_argument("--seed", type=int, default=0, help="base seed of samples and classifiers")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
