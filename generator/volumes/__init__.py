@@ -1,14 +1,17 @@
 """Volumes (3D CT/MR): ingest, a 3D phantom, MONAI 3D networks, the sampling pipeline, a trainer, previews.
 
 - :mod:`generator.volumes.records`: :class:`Volume` ``(D, H, W)`` + RAS affine + spacing + mapping.
-- :mod:`generator.volumes.readers`: NIfTI and DICOM series readers.
+- :mod:`generator.volumes.readers`: NIfTI and DICOM series readers (a series folder or a list of files).
 - :mod:`generator.volumes.geometry`: standard layout, resampling, crop/pad.
-- :mod:`generator.volumes.ingest`: :func:`load_volumes` for an imagefolder of volumes.
+- :mod:`generator.volumes.ingest`: :func:`load_volumes` / :func:`iter_volumes` for an imagefolder of
+  volumes or a DICOM archive (one volume per series, texts from a reports CSV).
+- :mod:`generator.volumes.store`: the on-disk volume store of ``train --dims 3 --stream-from-disk``.
 - :mod:`generator.volumes.phantom`: procedural CT phantom in HU and its imagefolder writer.
 - :mod:`generator.volumes.models`: :class:`VolumeModelConfig`, presets, MONAI network builders.
 - :mod:`generator.volumes.model_folder`: save/load volume model folders.
 - :mod:`generator.volumes.pipeline`: :class:`VolumePipeline`.
-- :mod:`generator.volumes.training`: :class:`VolumeTrainer` (to merge into the shared trainer).
+- :mod:`generator.volumes.training`: :class:`VolumeTrainer` (data-parallel through ``accelerate``; its loop
+  is separate from the 2D trainer's, the UNet recipe is shared: :mod:`generator.recipe`).
 - :mod:`generator.volumes.previews`: axial/coronal/sagittal preview PNGs.
 - :mod:`generator.volumes.generation`: generation runs into a folder (NIfTI via a writer callable, previews,
   manifest, resume, privacy gate callable).
@@ -28,11 +31,15 @@ _EXPORTS = {
     "mr_mapping": "generator.volumes.records",
     "read_nifti": "generator.volumes.readers",
     "read_dicom_series": "generator.volumes.readers",
+    "read_dicom_files": "generator.volumes.readers",
     "SeriesError": "generator.volumes.readers",
     "resample": "generator.volumes.geometry",
     "crop_or_pad": "generator.volumes.geometry",
     "centred_affine": "generator.volumes.geometry",
     "load_volumes": "generator.volumes.ingest",
+    "iter_volumes": "generator.volumes.ingest",
+    "VolumeStore": "generator.volumes.store",
+    "write_volume_store": "generator.volumes.store",
     "prepare_volume": "generator.volumes.ingest",
     "render_ct_phantom": "generator.volumes.phantom",
     "phantom_attributes": "generator.volumes.phantom",
