@@ -543,6 +543,8 @@ def markdown(res: dict[str, Any]) -> str:
             name = r["sampler"] + (" (RadSynth default)" if r.get("default") else "")
             if r.get("interval"):
                 name += " guided at sigma in [{:g}, {:g}]".format(*r["interval"])
+            if r.get("rescale"):
+                name += f", guidance rescale {r['rescale']:g}"
             precision = r.get("precision", "bf16" if r.get("bf16") else "fp32")
             out.append(
                 f"| synthetic (N={r['n']}) | {name} | {r['steps']} | {r['guidance']:g} | {precision} | "
