@@ -410,6 +410,14 @@ class VolumeTrainer:
         acc = self.accelerator
         return [t[acc.process_index::acc.num_processes].to(self.device) for t in tensors]
 
+    def _batch_mean(self, loss: torch.Tensor) -> float:
+        """The whole batch's mean loss: this process's share averaged over the processes (equal shares),
+        so the log reads the same for any number of processes."""
+        loss = loss.detach()
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        return float(loss)
+
     def _agree(self, flag: bool) -> bool:
         """``flag`` as the main process sees it, on every process (one decision for all: a process that
         stopped alone would leave the others waiting in a collective)."""
@@ -511,7 +519,7 @@ class VolumeTrainer:
         loss.backward()
         self.vae_opt.step()
         self.vae_step += 1
-        return float(loss.detach())
+        return self._batch_mean(loss)
 
     @torch.no_grad()
     def _cache_latents(self) -> None:
@@ -554,7 +562,7 @@ class VolumeTrainer:
         self.unet_opt.step()
         self.ema.step(self.unet.parameters())
         self.unet_step += 1
-        return float(loss.detach())
+        return self._batch_mean(loss)
 
     # ------------------------------------------------------------------------------ run
     def run(self, max_steps: int | None = None, callback: Callable[[str, int, float], None] | None = None

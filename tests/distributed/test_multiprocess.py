@@ -429,6 +429,10 @@ def test_volume_training_two_processes_equals_one(tmp_path, tiny_text_encoder):
     assert rows[0] == "stage,step,loss,seconds"
     assert [r.split(",")[:2] for r in rows[1:]] == [["vae", str(s)] for s in range(1, 5)] + [
         ["unet", str(s)] for s in range(1, 5)]
+    # the logged loss is the whole batch's, whatever the number of processes
+    losses = {run: [float(r.split(",")[2]) for r in (run / "train_log.csv").read_text().splitlines()[1:]]
+              for run in (one, two)}
+    np.testing.assert_allclose(losses[two], losses[one], rtol=1e-3)
     state = json.loads((two / "checkpoints" / "latest" / "state.json").read_text())
     assert state["vae_step"] == 4 and state["unet_step"] == 4 and state["unet_done"]
     # Float rounding differs (two half-batch gradients averaged vs one whole-batch gradient), and Adam's
