@@ -17,9 +17,9 @@ Views (:data:`VOLUME_VIEW_NAMES`):
   ``max_shift`` voxels along each axis. The query's centre crop (``max_shift`` voxels off every face) is
   correlated with every window of the reference (a 3D convolution), each window standardized on its
   own mean and norm, so a shifted copy scores 1 exactly. Computed exactly for the ``candidates`` nearest
-  references of each of two coarse searches (unshifted NCC of blurred, 2x average-pooled volumes, over the
-  flips; once as the volumes lie and once with each volume centred on its centre of mass, which keeps
-  shifted copies of small sparse structures among the candidates).
+  references of a coarse search (unshifted NCC of blurred, 2x average-pooled volumes, over the flips) and
+  the ``candidates // 4`` (at least 1) nearest of the same search on volumes centred on their centres of
+  mass, which keeps shifted copies of small sparse structures among the candidates.
 - ``slice``: aggregation over 2D axial slices: for each reference, the mean over the query's slices of the
   best in-plane NCC with any of the reference's slices (over the four in-plane flips); the view is the
   maximum over references. It catches copied slabs and slices that the whole-volume correlation dilutes.
@@ -260,8 +260,9 @@ def _neighbours(volumes: np.ndarray, refs: np.ndarray, max_shift: int, candidate
     q_n, n = len(volumes), len(refs)
     k = max(1, min(int(k), n))
     ref_slices = _slice_features(refs) if slice_view else None
-    # two coarse rankings, each proposing `candidates` references: as the volumes lie, and centred on
-    # their centres of mass (shifted copies of sparse structures fall out of the first, not the second)
+    # two coarse rankings: as the volumes lie (`candidates` references), and centred on their centres of
+    # mass (a quarter as many: a shifted copy of a sparse structure falls out of the first ranking but
+    # comes first in the second; each exact candidate costs as much as the coarse search of all references)
     rankings = []
     for centre in (False, True):
         ref_coarse = _coarse(refs, max_shift, centre)
@@ -271,11 +272,11 @@ def _neighbours(volumes: np.ndarray, refs: np.ndarray, max_shift: int, candidate
     out = {v: (np.full((q_n, k), np.nan), np.full((q_n, k), -1, dtype=np.int64)) for v in VOLUME_VIEW_NAMES}
     for q in range(q_n):
         proposals = []
-        for coarse in rankings:
+        for coarse, many in zip(rankings, (max(int(candidates), k), max(1, int(candidates) // 4))):
             row = coarse[q].copy()
             if exclude_self:
                 row[q] = -np.inf
-            proposals.append(np.argsort(-row, kind="stable")[: max(int(candidates), k)])
+            proposals.append(np.argsort(-row, kind="stable")[:many])
         cand = np.unique(np.concatenate(proposals))
         if exclude_self:
             cand = cand[cand != q]
@@ -326,8 +327,8 @@ class VolumeIndex:
         review_alpha: Default false-flag rate for ``review`` (``>= alpha``).
         leak_threshold: ``ncc`` at or above which a volume is a copy whatever the null says.
         max_shift: Largest shift (voxels per axis) of the ``ncc`` view.
-        candidates: References per query proposed by each of the two coarse searches and checked exactly
-            by the ``ncc`` view.
+        candidates: References per query proposed by the coarse search and checked exactly by the ``ncc``
+            view (the centred search proposes a quarter as many more).
         ref_nn: ``(N,)`` each reference's ``ncc`` to its nearest other reference (authenticity).
         holdout: Description of the held-out set (``source``, ``split``, ``n_holdout``, ``n_null``,
             ``excluded_same_patient``, ``excluded_duplicates``, ``min_null_size``, ``warnings``).
@@ -425,8 +426,8 @@ class VolumeIndex:
             holdout_fraction: Share of patients held out when splitting.
             leak_threshold: ``ncc`` treated as an exact copy, in ``(0, 1]``.
             max_shift: Shift range of the ``ncc`` view; default :func:`default_max_shift`.
-            candidates: References per query proposed by each of the two coarse searches and checked
-                exactly by the ``ncc`` view (``>= 1``).
+            candidates: References per query proposed by the coarse search and checked exactly by the
+                ``ncc`` view (``>= 1``; the centred search proposes a quarter as many more).
             seed: Split and self-check seed.
             intensity: The model-range intensity mapping of the volumes (recorded).
             holdout_name: How errors name the held-out set (e.g. ``"--holdout val/"``).
