@@ -34,6 +34,7 @@ __all__ = [
     "LPS_TO_RAS",
     "Volume",
     "VolumeIngestResult",
+    "VolumeFingerprint",
     "ct_mapping",
     "mr_mapping",
     "mapping_description",
@@ -220,13 +221,29 @@ class VolumeIngestResult:
 
     def fingerprint(self) -> str:
         """SHA-256 over file names, texts, shapes and model-range voxels (identifies, never contains, the data)."""
-        h = hashlib.sha256(b"radsynth-volumes-v1")
+        h = VolumeFingerprint()
         for r in self.records:
-            vox = np.ascontiguousarray(r.to_model(), dtype="<f4")
-            for part in (r.file_name.encode(), r.text.encode(), repr(r.shape).encode(), vox.tobytes()):
-                h.update(len(part).to_bytes(8, "little"))
-                h.update(part)
+            h.add(r.file_name, r.text, r.to_model())
         return h.hexdigest()
+
+
+class VolumeFingerprint:
+    """The SHA-256 of :meth:`VolumeIngestResult.fingerprint`, fed one volume at a time (the volume store
+    computes it while writing, so both paths record the same ``data_fingerprint``)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256(b"radsynth-volumes-v1")
+
+    def add(self, file_name: str, text: str, model: np.ndarray) -> None:
+        """Add one volume: ``model`` ``(D, H, W)`` float32 in ``[0, 1]``."""
+        vox = np.ascontiguousarray(model, dtype="<f4")
+        for part in (file_name.encode(), text.encode(), repr(tuple(int(s) for s in vox.shape)).encode(),
+                     vox.tobytes()):
+            self._h.update(len(part).to_bytes(8, "little"))
+            self._h.update(part)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def mapping_description(mappings: Sequence[IntensityMapping]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from generator.data.metadata import METADATA_NAMES
 from generator.data.records import IntensityMapping, SkippedFile
 from generator.volumes.geometry import parse_shape, parse_spacing
 from generator.volumes.ingest import iter_volumes
-from generator.volumes.records import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES, Volume
+from generator.volumes.records import DEFAULT_CT_WINDOW, DEFAULT_MR_PERCENTILES, Volume, VolumeFingerprint
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "STORE_JSON", "VOLUMES_NPY", "RECORDS_JSONL", "PREPARED_VOLUMES_DIR",
@@ -298,7 +298,7 @@ class VolumeStore:
             ValueError: naming ``volumes.npy`` and what differs.
         """
         path = self.path / VOLUMES_NPY
-        h = _Fingerprint()
+        h = VolumeFingerprint()
         for rec, vol in zip(self.records, self.volumes):
             if not np.isfinite(vol).all() or vol.min() < 0 or vol.max() > 1:
                 raise ValueError(f"{path}: volume {rec['file_name']!r} holds values outside [0, 1]")
@@ -395,24 +395,6 @@ def _map_volumes(path: Path, info: dict[str, Any], mode: str) -> np.ndarray:
     return arr
 
 
-class _Fingerprint:
-    """:meth:`VolumeIngestResult.fingerprint`, fed one volume at a time."""
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256(b"radsynth-volumes-v1")
-
-    def add(self, file_name: str, text: str, model: np.ndarray) -> None:
-        """Add one volume: ``model`` ``(D, H, W)`` float32 in ``[0, 1]``."""
-        vox = np.ascontiguousarray(model, dtype="<f4")
-        for part in (file_name.encode(), text.encode(), repr(tuple(int(s) for s in vox.shape)).encode(),
-                     vox.tobytes()):
-            self._h.update(len(part).to_bytes(8, "little"))
-            self._h.update(part)
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
 class _Writer:
     """Appends model-range volumes to ``volumes.npy`` (sized for ``capacity``, cut to the count at the end) and
     their records to ``records.jsonl`` in ``folder``; checks that all share the first one's grid."""
@@ -420,7 +402,7 @@ class _Writer:
     def __init__(self, folder: Path, capacity: int) -> None:
         self.folder, self.capacity = folder, max(1, int(capacity))
         self.count = 0
-        self.fingerprint = _Fingerprint()
+        self.fingerprint = VolumeFingerprint()
         #: The first volume's grid and mapping (what from_ingest takes for the whole set); set by the first add.
         self.shape: tuple[int, int, int] = (0, 0, 0)
         self.spacing: tuple[float, float, float] = (0.0, 0.0, 0.0)

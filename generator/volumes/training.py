@@ -596,8 +596,9 @@ class VolumeTrainer:
                 return max_steps is not None and ran >= max_steps
 
             while not self.vae_done and not stop():
-                if self.vae_step >= self.tc.vae_steps or self._agree(
-                        bool(budget) and elapsed() >= budget * self.tc.vae_share):
+                # under several processes the clock is the main process's (no collective without a budget)
+                if self.vae_step >= self.tc.vae_steps or (budget and self._agree(
+                        elapsed() >= budget * self.tc.vae_share)):
                     self.vae_done = True
                     break
                 loss = self._vae_step()
@@ -616,7 +617,7 @@ class VolumeTrainer:
                 plan.deadline = budget
                 plan.begin(self.unet_step, elapsed())
             while self.vae_done and not self.unet_done and not stop():
-                if self.unet_step >= plan.total or self._agree(bool(budget) and elapsed() >= budget):
+                if self.unet_step >= plan.total or (budget and self._agree(elapsed() >= budget)):
                     self.unet_done = True
                     break
                 loss = self._unet_step()
