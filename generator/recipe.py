@@ -10,7 +10,9 @@ One definition of what a UNet step optimises and how its weights are averaged, s
 - :func:`warmup_cosine`: linear warm-up, then cosine decay to 10% of the peak learning rate;
 - :func:`unet_ema`: the exponential moving average of the UNet's weights that the model folder keeps;
 - :class:`StepPlan`: how many steps a stage under a wall-clock budget gets, refitted from its measured
-  speed, so the cosine above ends when the clock does.
+  speed, so the cosine above ends when the clock does;
+- :func:`oversample_weights` and :func:`draw_records`: which training records a UNet step draws
+  (uniformly, or more often those whose text names a rare finding or class).
 
 Shapes are generic: latents ``(B, C, *spatial)`` with any number of spatial axes (2 for images, 3 for
 volumes); timesteps ``(B,)`` integers in ``[0, num_train_timesteps)``.
@@ -20,13 +22,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from diffusers.training_utils import EMAModel, compute_snr
 
 __all__ = ["PREDICTION_TYPES", "denoising_target", "denoising_loss", "warmup_cosine", "unet_ema", "StepPlan",
-           "SCHEDULE_FITS"]
+           "SCHEDULE_FITS", "oversample_weights", "draw_records"]
 
 #: What the UNet can be trained to predict.
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -157,3 +160,52 @@ class StepPlan:
         self.fits += 1
         self.fit_step, self.fit_time = step, now
         self.next_fit = step + max(5, (self.total - step) // 2)
+
+
+def oversample_weights(texts: Sequence[str], oversample: Sequence[tuple[str, float]]) -> torch.Tensor | None:
+    """Draw weights of training records for the UNet stage, or ``None`` (uniform draws) without terms.
+
+    Args:
+        texts: Each record's own text (``N`` strings; for a record trained with paraphrases, the text it
+            came with).
+        oversample: ``((term, weight), ...)`` as :func:`generator.models.config.check_oversample` returns
+            it: a record whose text contains ``term`` (case-insensitive substring) weighs ``weight``;
+            weights of several matching terms multiply; a record without a match weighs 1.
+
+    Returns:
+        ``float64 (N,)`` weights (not normalised), or ``None`` when ``oversample`` is empty.
+
+    Raises:
+        ValueError: a term that no text contains (a typo would otherwise train silently without it),
+            naming the term and an example text; or no texts.
+    """
+    if not oversample:
+        return None
+    if not texts:
+        raise ValueError("oversample needs at least one training text, got none")
+    lowered = [str(t).lower() for t in texts]
+    weights = torch.ones(len(lowered), dtype=torch.float64)
+    for term, weight in oversample:
+        hit = torch.tensor([term in t for t in lowered])
+        if not bool(hit.any()):
+            raise ValueError(f"oversample term {term!r} is in none of the {len(lowered)} training texts "
+                             f"(e.g. {texts[0]!r}); terms match text case-insensitively")
+        weights[hit] *= float(weight)
+    return weights
+
+
+def draw_records(generator: torch.Generator, n: int, batch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``batch`` training records of one UNet step, ``int64 (batch,)`` in ``[0, n)``.
+
+    Uniform with replacement (``torch.randint``, the draws of every run before oversampling existed)
+    without ``weights``; with ``weights`` (``(n,)``, from :func:`oversample_weights`) with replacement in
+    proportion to them (``torch.multinomial``). Advances ``generator`` past the draws.
+
+    Raises:
+        ValueError: ``weights`` of another length than ``n``.
+    """
+    if weights is None:
+        return torch.randint(0, n, (batch,), generator=generator)
+    if weights.shape != (n,):
+        raise ValueError(f"weights must have shape ({n},), got {tuple(weights.shape)}")
+    return torch.multinomial(weights, batch, replacement=True, generator=generator)

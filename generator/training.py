@@ -114,7 +114,15 @@ from generator.models.model_folder import (
 )
 from generator.models.pipeline import RadSynthPipeline
 from generator.models.samplers import make_sampler
-from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
+from generator.recipe import (
+    StepPlan,
+    denoising_loss,
+    denoising_target,
+    draw_records,
+    oversample_weights,
+    unet_ema,
+    warmup_cosine,
+)
 
 #: Called after every optimisation step as ``hook(stage, step)``; tests use it to interrupt a run.
 StepHook = Callable[[str, int], None]
@@ -195,6 +203,14 @@ def _lr_lambda(plan: StepPlan, warmup: int) -> Callable[[int], float]:
     """:func:`generator.recipe.warmup_cosine` over the plan's current ``total`` (refitted under a
     time budget, so the schedule reads it at every step)."""
     return lambda step: warmup_cosine(step, plan.total, warmup)
+
+
+def _oversample_line(cfg: Mapping[str, Any]) -> str:
+    """The model card's words for ``train_config["oversample"]`` (empty when the draws were uniform)."""
+    pairs = cfg.get("oversample") or ()
+    if not pairs:
+        return ""
+    return "; UNet draws oversampled: " + ", ".join(f"'{t}' x{float(w):g}" for t, w in pairs)
 
 
 class _StepBatches:
@@ -699,6 +715,8 @@ class Trainer:
         """
         self.run_start = time.monotonic()
         acc = self.accelerator
+        texts, options = self._texts()  # metadata only; a bad oversample term fails before any training
+        draw_weights = oversample_weights([texts[o[0]] for o in options], self.config.oversample)
         source = None
         if self.init_info is not None:
             source, _ = load_pipeline(self.init_info.path, device="cpu", half=False,
@@ -735,12 +753,12 @@ class Trainer:
                         shutil.rmtree(old, ignore_errors=True)
             acc.wait_for_everyone()
 
-        texts, options = self._texts()
         embeds = self._encode_texts(tokenizer, text_encoder, texts, identity["text_encoder_sha256"])
         self._say(f"encoded {len(texts)} distinct prompt texts with {type(text_encoder).__name__}")
         labels = torch.from_numpy(prompt_vectors(texts)) if self.config.attribute_conditioning else None
         unet = self._train_unet(cache, float(vae.config.scaling_factor), embeds, options,
-                                hidden_size(text_encoder), source.unet if source is not None else None, labels)
+                                hidden_size(text_encoder), source.unet if source is not None else None, labels,
+                                draw_weights)
 
         if self._main:
             self._save(vae, unet, text_encoder, tokenizer)
@@ -928,13 +946,15 @@ class Trainer:
         cross_dim: int,
         init: UNet2DConditionModel | None = None,
         labels: torch.Tensor | None = None,
+        draw_weights: torch.Tensor | None = None,
     ) -> UNet2DConditionModel:
         """Train the denoiser (from ``init``'s weights when given; it is not modified).
 
         ``labels``: ``(num_texts, ATTRIBUTE_DIM)`` attribute vectors of the texts (row 0: the null
         prompt's zeros), given with ``attribute_conditioning``; the UNet then takes them as
         ``class_labels``. An ``init`` UNet without that input gets it, zero-initialised (it starts out
-        as ``init``)."""
+        as ``init``). ``draw_weights``: ``(num_records,)`` draw weights of ``config.oversample``
+        (:func:`generator.recipe.oversample_weights`; ``None``: uniform draws)."""
         cfg, acc = self.config, self.accelerator
         start = time.monotonic()
         if init is not None:
@@ -955,7 +975,7 @@ class Trainer:
         while step < plan.total and not self._out_of_time("unet", plan, step, s0):
             g = _step_generator(self.seed, "unet", step, acc.process_index)
             b = cfg.unet_batch_size
-            idx = torch.randint(0, n, (b,), generator=g)
+            idx = draw_records(g, n, b, draw_weights)
             mean, std = cache.rows(idx)
             eps_post = torch.randn(mean.shape, generator=g)
             z0 = (mean + std * eps_post) * scaling
@@ -1244,7 +1264,7 @@ training images: audit every synthetic dataset with `radsynth audit` before shar
 ## Configuration
 - preset `{cfg['preset']}`; VAE channels {cfg['vae_channels']}, latent {cfg['latent_channels']}x{cfg['latent_size']}x{cfg['latent_size']}
 - UNet channels {cfg['unet_channels']}, prediction `{cfg['prediction_type']}`, min-SNR gamma {cfg['min_snr_gamma']},
-  prompt dropout {cfg['prompt_dropout']}, EMA decay {cfg['ema_decay']}
+  prompt dropout {cfg['prompt_dropout']}, EMA decay {cfg['ema_decay']}{_oversample_line(cfg)}
 - text encoder: `{info['text_encoder']['name']}` (frozen; weights SHA-256 `{info['text_encoder']['sha256'][:16]}`); seed {info['seed']}
 - steps: {tr['steps']}; seconds: {tr['seconds']}; processes: {tr['num_processes']}; mixed precision: {tr['mixed_precision']}
 

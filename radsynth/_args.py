@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["int_in", "float_in", "seed", "existing_dir", "existing_file", "existing_path", "new_file", "parse_label_text", "MAX_SEED"]
+__all__ = ["int_in", "float_in", "seed", "existing_dir", "existing_file", "existing_path", "new_file", "parse_label_text", "oversample_term", "MAX_SEED"]
 
 #: Largest accepted seed (numpy ``SeedSequence`` words and ``torch.Generator`` both take it).
 MAX_SEED = 2**32 - 1
@@ -112,6 +112,21 @@ def parse_label_text(items: list[str]) -> dict[int, str] | None:
         except ValueError:
             raise ValueError(f"--label-text label must be an integer, got {label!r}") from None
     return out
+
+
+def oversample_term(text: str) -> tuple[str, float]:
+    """``--oversample TERM=WEIGHT``: ``"nodule=2"`` -> ``("nodule", 2.0)`` (the last ``=`` separates; the
+    weight a finite number > 0, at most 1000)."""
+    term, sep, weight = text.rpartition("=")
+    if not sep or not term.strip():
+        raise argparse.ArgumentTypeError(f"expected TERM=WEIGHT (e.g. nodule=2), got {text!r}")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the weight of {term.strip()!r} must be a number, got {weight!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1000):
+        raise argparse.ArgumentTypeError(f"the weight of {term.strip()!r} must be in (0, 1000], got {weight!r}")
+    return term.strip(), value
 
 
 def check_number(flag: str, value: float | int | None, *, low: float, high: float = math.inf,

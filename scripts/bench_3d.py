@@ -57,6 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
+from radsynth._args import oversample_term
+
 DATA = Path("/work/shared/data/adrenalmnist3d/adrenalmnist3d_64_trainval.npz")
 CT = Path("/work/shared/data/totalsegmentator_examples/example_ct_sm.nii.gz")
 TEXTS = ("adrenal gland, normal", "adrenal gland, hyperplasia")
@@ -102,6 +104,7 @@ def train_child(args: argparse.Namespace) -> None:
                             max_minutes=args.train_minutes, vae_share=args.vae_share, checkpoint_every=50,
                             unet_lr=args.unet_lr, vae_lr=args.vae_lr, ema_decay=args.ema_decay,
                             vae_fg_weight=args.vae_fg_weight, snr_gamma=args.snr_gamma,
+                            oversample=tuple(args.oversample),
                             mixed_precision=resolve_mixed_precision(args.mixed_precision, torch.device("cpu")))
     model_config = get_volume_preset(args.preset)
     if args.prediction_type:
@@ -182,6 +185,8 @@ def run_train(args: argparse.Namespace, resolution: int, model: Path, minutes: f
            "--unet-lr", str(args.unet_lr), "--vae-lr", str(args.vae_lr), "--ema-decay", str(args.ema_decay), "--limit", str(limit),
            "--vae-fg-weight", str(args.vae_fg_weight), "--snr-gamma", str(args.snr_gamma),
            "--prediction-type", args.prediction_type, "--mixed-precision", args.mixed_precision]
+    for term, weight in args.oversample:
+        cmd += ["--oversample", f"{term}={weight:g}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -369,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-fg-weight", type=float, default=1.0,
                    help="intensity-weighted VAE L1 (VolumeTrainConfig.vae_fg_weight; 1 = plain L1)")
     p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-gamma UNet loss weighting (0 = off)")
+    p.add_argument("--oversample", action="append", default=[], type=oversample_term, metavar="TERM=WEIGHT",
+                   help="UNet steps draw volumes whose text contains TERM WEIGHT times as often "
+                        "(VolumeTrainConfig.oversample), e.g. hyperplasia=3.5 for balanced classes (22%% of the "
+                        "training volumes are hyperplasia)")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16"],
                    help="training arithmetic: auto (default, as radsynth train: bf16 where the CPU has it), "
                         "no (float32; the runs before the seventh session), bf16")

@@ -46,6 +46,7 @@ from generator.phantoms import write_phantom_folder  # noqa: E402
 from generator.phantoms import phantom_reference_set  # noqa: E402
 from generator.training import Trainer  # noqa: E402
 from privacy.embedding import EmbedderConfig, train_embedder  # noqa: E402
+from radsynth._args import oversample_term  # noqa: E402
 
 
 def _shareable(argv: list[str]) -> list[str]:
@@ -205,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                         "with scripts/eval_text_control.py --guidance-scale")
     p.add_argument("--attribute-conditioning", action="store_true",
                    help="also condition on the attributes read back from each prompt (issue 12's ablation)")
+    p.add_argument("--oversample", action="append", default=[], type=oversample_term, metavar="TERM=WEIGHT",
+                   help="UNet steps draw phantoms whose prompt contains TERM WEIGHT times as often "
+                        "(TrainConfig.oversample; e.g. nodule=2)")
     p.add_argument("--embedder-only", action="store_true",
                    help=f"only (re)write {DEMO_EMBEDDER_FILE} of an existing model folder")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -212,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dims == 3:
-        if args.init_from is not None or args.attribute_conditioning or args.embedder_only:
-            p.error("--dims 3 trains a volume model from scratch: no --init-from, --attribute-conditioning "
-                    "or --embedder-only")
+        if args.init_from is not None or args.attribute_conditioning or args.embedder_only or args.oversample:
+            p.error("--dims 3 trains a volume model from scratch: no --init-from, --attribute-conditioning, "
+                    "--oversample or --embedder-only")
         return _train_volume_model(args, argv)
     if args.num_images is None:
         args.num_images = DEMO_TRAINING["num_images"]
@@ -233,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         if out.exists():
             shutil.rmtree(out)
         overrides = {} if args.init_from is not None else dict(DEMO_TRAIN_OVERRIDES)
-        config = get_preset("small", attribute_conditioning=args.attribute_conditioning, **overrides)
+        config = get_preset("small", attribute_conditioning=args.attribute_conditioning,
+                            oversample=tuple(args.oversample), **overrides)
         result = Trainer(
             data, out, config, resolution=DEMO_TRAINING["size"], seed=args.seed,
             max_minutes=args.minutes, max_steps=args.max_steps, mixed_precision=args.mixed_precision,

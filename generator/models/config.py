@@ -46,6 +46,37 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_oversample(value: Any, name: str = "oversample") -> tuple[tuple[str, float], ...]:
+    """The ``oversample`` setting of a training config as ``((term, weight), ...)``: terms lower-cased and
+    stripped, in the order given, weights finite and > 0.
+
+    Accepts a mapping ``{term: weight}``, a sequence of ``(term, weight)`` pairs (JSON gives lists) or an
+    empty value. A record whose text contains ``term`` (case-insensitive) is drawn ``weight`` times as
+    often by the denoiser stage (:func:`generator.recipe.oversample_weights`).
+
+    Raises:
+        ValueError: names ``name`` and the offending entry (not a pair, an empty or repeated term, a weight
+            that is not a finite number > 0).
+    """
+    if value is None:
+        return ()
+    items = list(value.items()) if isinstance(value, Mapping) else list(value)
+    out: list[tuple[str, float]] = []
+    for item in items:
+        if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 2:
+            raise ValueError(f"{name} entries must be (term, weight) pairs, got {item!r}")
+        term, weight = item
+        if not isinstance(term, str) or not term.strip():
+            raise ValueError(f"{name} term must be a non-empty string, got {term!r}")
+        if not _finite(weight) or weight <= 0:
+            raise ValueError(f"{name} weight of {term!r} must be a finite number > 0, got {weight!r}")
+        key = term.strip().lower()
+        if any(key == t for t, _ in out):
+            raise ValueError(f"{name} names the term {key!r} twice")
+        out.append((key, float(weight)))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run, apart from the data and the seed.
@@ -79,6 +110,10 @@ class TrainConfig:
         ema_decay: Maximum decay of the exponential moving average of UNet weights.
         text_augment: Reword prompts from structured attributes during training, when the data has
             them (``conditioning.prompts.paraphrase_prompt``).
+        oversample: ``((term, weight), ...)``: the UNet stage draws a training record whose text contains
+            ``term`` (case-insensitive) ``weight`` times as often (weights of several matching terms
+            multiply; the VAE stage draws uniformly). ``()`` (default): every record equally often. For a
+            rare class or finding (``(("nodule", 2.0),)``); see :func:`check_oversample`.
         attribute_conditioning: Also condition the UNet on the attributes read back from each prompt
             (``conditioning.attributes``: finding, side, lobe, size, sex, age) through its class
             embedding (``class_embed_type="projection"``). Off by default: in the demo-model ablation
@@ -114,6 +149,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     text_augment: bool = True
     attribute_conditioning: bool = False
+    oversample: tuple[tuple[str, float], ...] = ()
     vae_share: float = 0.25
     vae_steps: int = 1500
     unet_steps: int = 6000
@@ -160,6 +196,7 @@ class TrainConfig:
         for name in ("vae_mid_block_attention", "text_augment", "attribute_conditioning"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "oversample", check_oversample(self.oversample))
 
     def vae_block_channels(self, resolution: int) -> tuple[int, ...]:
         """VAE ``block_out_channels`` for ``resolution`` (one block more than downsamplings).

@@ -57,7 +57,16 @@ from generator.checkpoints import (
     write_checkpoint,
 )
 from generator.data.records import IntensityMapping
-from generator.recipe import StepPlan, denoising_loss, denoising_target, unet_ema, warmup_cosine
+from generator.models.config import check_oversample
+from generator.recipe import (
+    StepPlan,
+    denoising_loss,
+    denoising_target,
+    draw_records,
+    oversample_weights,
+    unet_ema,
+    warmup_cosine,
+)
 from generator.volumes.model_folder import save_volume_model
 from generator.volumes.models import (
     VOLUME_PRESETS,
@@ -112,6 +121,9 @@ class VolumeTrainConfig:
         snr_gamma: Min-SNR-gamma weighting of the UNet loss (Hang et al. 2023): per-sample weight
             ``min(SNR(t), gamma) / SNR(t)`` for epsilon, ``min(SNR(t), gamma) / (SNR(t) + 1)`` for
             v-prediction; ``0`` turns it off (plain MSE).
+        oversample: ``((term, weight), ...)``: UNet steps draw a volume whose text contains ``term``
+            (case-insensitive) ``weight`` times as often (weights of several matching terms multiply; the
+            VAE stage draws uniformly); ``()``: uniform, as the 2D trainer's ``TrainConfig.oversample``.
 
     Raises:
         ValueError: on construction, naming a bad field.
@@ -133,8 +145,10 @@ class VolumeTrainConfig:
     vae_fg_weight: float = 1.0
     snr_gamma: float = 0.0
     mixed_precision: str = "no"
+    oversample: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "oversample", check_oversample(self.oversample))  # frozen dataclass
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision must be 'no' or 'bf16' for volumes, got {self.mixed_precision!r}")
         for name in ("vae_steps", "unet_steps"):
@@ -383,6 +397,7 @@ class VolumeTrainer:
         index = {t: i for i, t in enumerate(texts)}
         self._null = states[index[""]]
         self._context = states[[index[t] for t in data.texts]]
+        self._draw_weights = oversample_weights(data.texts, train_config.oversample)
         self.ckpt_dir = self.output / "checkpoints"
         self.ckpt_path = self.ckpt_dir / "latest"
         if resume and (self.ckpt_dir / STATE_JSON).is_file():
@@ -468,8 +483,8 @@ class VolumeTrainer:
         mine = self._identity()
         for key in ("model_config", "train_config", "data"):
             theirs = state.get(key)
-            if key == "train_config" and theirs is not None:
-                theirs = {**theirs, "max_minutes": None}
+            if key == "train_config" and theirs is not None:  # checkpoints from before oversample drew uniformly
+                theirs = {"oversample": [], **theirs, "max_minutes": None}
             if json_plain(mine[key]) != theirs:
                 raise ValueError(f"{path}: the checkpoint's {key} differs from this run's; resume with the "
                                  f"same settings or start a new output folder")
@@ -542,7 +557,7 @@ class VolumeTrainer:
         g = _generator(self.tc.seed, "unet", self.unet_step)
         n = self._latents.shape[0]
         b = self.tc.unet_batch_size
-        idx = torch.randint(0, n, (b,), generator=g)
+        idx = draw_records(g, n, b, self._draw_weights)
         noise = torch.randn((b, *self._latents.shape[1:]), generator=g)
         t = torch.randint(0, self.mc.num_train_timesteps, (b,), generator=g)
         drop = torch.rand(b, generator=g) < self.tc.prompt_dropout

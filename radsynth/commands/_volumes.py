@@ -119,7 +119,8 @@ def run_train_3d(args: argparse.Namespace) -> int:
 
     Reads ``data``, ``output``, ``resolution``, ``preset``, ``spacing``, ``max_minutes``, ``max_steps``
     (upper bound of the steps of each stage: VAE default 200, UNet 1000), ``seed``, ``learning_rate``
-    (UNet), ``checkpoint_every``, ``prediction_type``, ``mixed_precision`` (``auto``: bf16 where the device
+    (UNet), ``checkpoint_every``, ``oversample`` (``(term, weight)`` pairs), ``prediction_type``,
+    ``mixed_precision`` (``auto``: bf16 where the device
     has it natively; ``no``; ``bf16``), ``text_encoder``, ``resume``, ``overwrite``, ``keep_checkpoints``,
     ``quiet``, ``reports_csv`` (a ``data`` folder of DICOM series without a metadata file: report texts keyed
     by StudyInstanceUID or AccessionNumber), ``stream_from_disk`` (the volumes are first written one at a time
@@ -153,6 +154,9 @@ def run_train_3d(args: argparse.Namespace) -> int:
     check_number("--seed", get("seed", 0), low=0, high=_MAX_SEED)
     check_number("--learning-rate", get("learning_rate"), low=0.0, high=1.0, low_open=True)
     check_number("--checkpoint-every", get("checkpoint_every"), low=1, high=10**9)
+    from generator.models.config import check_oversample
+
+    check_oversample(get("oversample"), "--oversample")
     resolution = get("resolution", 32)
     check_number("--resolution", resolution, low=8, high=MAX_VOLUME_RESOLUTION)
     spacing = _spacing(get("spacing"))
@@ -184,6 +188,8 @@ def run_train_3d(args: argparse.Namespace) -> int:
         train_kwargs["unet_lr"] = float(get("learning_rate"))
     if get("checkpoint_every") is not None:
         train_kwargs["checkpoint_every"] = int(get("checkpoint_every"))
+    if get("oversample"):
+        train_kwargs["oversample"] = tuple(get("oversample"))
     from accelerate import PartialState
 
     from generator._utils import cpu_only, resolve_mixed_precision

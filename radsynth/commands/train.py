@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from radsynth._args import oversample_term
+
 HELP = """Train a text-conditioned latent diffusion model on your own radiographs or scans.
 
 Stage 1 trains a single-channel AutoencoderKL on the images; stage 2 trains a
@@ -28,6 +30,9 @@ EPILOG = """examples:
 
   # fine-tune the bundled demo model (or any RadSynth / Stable-Diffusion-layout folder) on your data
   radsynth train --data my_cxr/ --output models/cxr_ft --init-from generator/demo_model --max-minutes 10
+
+  # a rare finding: UNet steps draw images whose text names it 3 times as often
+  radsynth train --data my_cxr/ --output models/cxr --oversample pneumothorax=3
 
   # continue an interrupted run from its last checkpoint
   radsynth train --data my_cxr/ --output models/cxr --resume
@@ -82,6 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attribute-conditioning", action="store_true",
                    help="also condition on the finding/side/lobe/size attributes read back from each prompt "
                         "(conditioning.attributes); off by default, see the README's ablation")
+    p.add_argument("--oversample", action="append", default=[], type=oversample_term, metavar="TERM=WEIGHT",
+                   help="UNet steps draw images whose text contains TERM (case-insensitive) WEIGHT times as often, "
+                        "e.g. a rare finding or class: --oversample nodule=2 (repeat per term; weights of several "
+                        "matching terms multiply; the VAE stage draws uniformly); recorded in radsynth.json")
     p.add_argument("--label-text", action="append", default=[], metavar="LABEL=TEXT",
                    help=".npz input: prompt text of a label (repeat per label)")
     p.add_argument("--npz-split", default="train", help=".npz input: split to read (default train)")
@@ -122,9 +131,11 @@ def check_flags(args: argparse.Namespace) -> None:
     Raises:
         ValueError: one line naming the flag and the value received.
     """
+    from generator.models.config import check_oversample
     from radsynth._args import check_number
 
     check_number("--max-minutes", args.max_minutes, low=0.0, high=1e6, low_open=True)  # 1e6 min: ~2 years
+    check_oversample(args.oversample, "--oversample")
     check_number("--max-steps", args.max_steps, low=1, high=10**9)
     check_number("--seed", args.seed, low=0, high=MAX_SEED)
     check_number("--learning-rate", args.learning_rate, low=0.0, high=1.0, low_open=True)
@@ -167,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
         overrides["prediction_type"] = args.prediction_type
     if args.attribute_conditioning:
         overrides["attribute_conditioning"] = True
+    if args.oversample:
+        overrides["oversample"] = tuple(args.oversample)
     if args.learning_rate is not None:
         overrides["unet_lr"] = args.learning_rate
     try:

@@ -37,6 +37,11 @@ from radsynth.cli import main
     (["--ct-window", "40", "inf"], "--ct-window WIDTH must be a finite number in (0, 100000], got inf"),
     (["--ct-window", "nan", "400"], "--ct-window CENTER must be a finite number in [-100000, 100000], got nan"),
     (["--preset", "tinny"], "did you mean 'tiny'"),
+    (["--oversample", "nodule"], "argument --oversample: expected TERM=WEIGHT (e.g. nodule=2), got 'nodule'"),
+    (["--oversample", "nodule=0"], "the weight of 'nodule' must be in (0, 1000], got '0'"),
+    (["--oversample", "nodule=x"], "the weight of 'nodule' must be a number, got 'x'"),
+    (["--oversample", "a=2", "--oversample", "A =3"], "--oversample names the term 'a' twice"),
+    (["--dims", "3", "--oversample", "a=2", "--oversample", "A=3"], "--oversample names the term 'a' twice"),
 ])
 def test_bad_numeric_flags(tmp_path, capsys, square_data, flags, expected):
     out = tmp_path / "model"
@@ -63,8 +68,22 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys, square_data, tin
                      r"7 now\)", err), err
     assert main([*base, "--resume", "--learning-rate", "0.01"]) == 2
     assert "unet_lr: 0.0005 in the checkpoints, 0.01 now" in capsys.readouterr().err
+    assert main([*base, "--resume", "--oversample", "bright=3"]) == 2  # other draws: another run
+    assert "oversample: [] in the checkpoints, [['bright', 3.0]] now" in capsys.readouterr().err
     capsys.readouterr()
     # the same options resume fine, and the model folder says how it was trained
     assert main([*base, "--resume"]) == 0
     info = json.loads((out / "radsynth.json").read_text())
     assert info["training"]["mixed_precision"] == "no"
+
+
+def test_oversample_is_recorded_and_checked_against_the_texts(tmp_path, capsys, square_data, tiny_text_encoder):
+    base = ["train", "--data", str(square_data), "--preset", "tiny", "--resolution", "16", "--max-steps", "2",
+            "--text-encoder", str(tiny_text_encoder), "--mixed-precision", "no", "--quiet"]
+    assert main([*base, "--output", str(tmp_path / "a"), "--oversample", "Bright Square=3"]) == 0
+    info = json.loads((tmp_path / "a" / "radsynth.json").read_text())
+    assert info["train_config"]["oversample"] == [["bright square", 3.0]]
+    capsys.readouterr()
+    assert main([*base, "--output", str(tmp_path / "b"), "--oversample", "nodule=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "oversample term 'nodule' is in none of the 24 training texts" in err, err

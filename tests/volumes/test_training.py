@@ -197,3 +197,27 @@ def test_bf16_training_resumes_exactly_and_stays_close_to_fp32(tmp_path, phantom
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     with pytest.raises(ValueError, match="mixed_precision.*fp16"):
         VolumeTrainConfig(mixed_precision="fp16")
+
+
+def test_oversampled_texts_are_drawn_more_often(tmp_path, phantom_data, tiny_text_encoder, monkeypatch):
+    """``oversample``: the UNet stage draws volumes whose text names the term about ``weight`` times as
+    often (one normal study in six, weight 50: expected share 50/55); radsynth.json records the setting;
+    a term in no text is refused."""
+    import generator.volumes.training as vt
+
+    drawn: list[torch.Tensor] = []
+    real = vt.draw_records
+    monkeypatch.setattr(vt, "draw_records", lambda g, n, b, w=None: drawn.append(real(g, n, b, w)) or drawn[-1])
+    cfg = VolumeTrainConfig(**{**TINY_TRAIN, "vae_steps": 1, "unet_steps": 6, "unet_batch_size": 32},
+                            oversample={"No Acute Findings": 50})
+    VolumeTrainer(phantom_data, tmp_path / "m", get_volume_preset("tiny"), cfg, text_encoder=str(tiny_text_encoder)).run()
+    idx = torch.cat(drawn)
+    assert idx.numel() == 6 * 32
+    share = np.mean(["no acute findings" in phantom_data.texts[int(i)] for i in idx])
+    assert 0.8 < share < 0.98  # uniform draws: 1/6
+    info = read_volume_info(tmp_path / "m")
+    assert info["training"]["oversample"] == [["no acute findings", 50.0]]
+    with pytest.raises(ValueError, match="'pleural effusion' is in none of the 6"):
+        VolumeTrainer(phantom_data, tmp_path / "n", get_volume_preset("tiny"),
+                      VolumeTrainConfig(**TINY_TRAIN, oversample=[["pleural effusion", 2]]),
+                      text_encoder=str(tiny_text_encoder))
