@@ -199,3 +199,22 @@ def test_train_dims3_refuses_reports_csv_with_a_metadata_folder_before_touching_
     err = capsys.readouterr().err
     assert "--reports-csv" in err and "metadata.jsonl" in err
     assert (out / "keep.txt").is_file()
+
+
+def test_index_of_a_dicom_archive(tmp_path):
+    """``radsynth index --dims 3`` reads a DICOM archive as training and held-out volumes (one per series)."""
+    from privacy.volumes import VolumeIndex
+    from radsynth.cli import main
+
+    train = _archive(tmp_path / "archive")
+    hold = tmp_path / "holdout"
+    for i in range(6):
+        write_series(hold / f"H{i}/study/ser", _hu((8, 12, 12), 10 + i), spacing=(2.0, 1.5, 1.5),
+                     study_uid=f"1.2.826.0.1.3680043.8.498.2{i}", patient_id=f"H{i}", patient_sex="M",
+                     patient_age="050Y")
+    out = tmp_path / "index"
+    assert main(["index", "--dims", "3", "--data", str(train), "--holdout", str(hold), "--output", str(out),
+                 "--resolution", "8", "--spacing", "2", "--alpha", "0.2", "--review-alpha", "0.25"]) == 0
+    index = VolumeIndex.load(out)
+    assert sorted(index.ids) == sorted(SERIES) and index.shape == (8, 8, 8)
+    assert index.holdout["n_null"] == 6 and index.spacing == pytest.approx((2.0, 2.0, 2.0))
