@@ -687,6 +687,8 @@ class Trainer:
                     f"--resume: {str(run_json)!r} is missing or damaged (checkpoints of an older RadSynth, "
                     "whose pickled files are never loaded, or an interrupted start); start again with --overwrite"
                 ) from None
+            if isinstance(saved.get("train_config"), dict):  # written before oversample existed: uniform draws
+                saved["train_config"].setdefault("oversample", [])
             diffs = _differences(saved, identity)
             if diffs:
                 raise ValueError(

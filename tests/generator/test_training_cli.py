@@ -70,6 +70,10 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys, square_data, tin
     assert "unet_lr: 0.0005 in the checkpoints, 0.01 now" in capsys.readouterr().err
     assert main([*base, "--resume", "--oversample", "bright=3"]) == 2  # other draws: another run
     assert "oversample: [] in the checkpoints, [['bright', 3.0]] now" in capsys.readouterr().err
+    run_json = out / "checkpoints" / "run.json"  # checkpoints from before the field drew uniformly
+    saved = json.loads(run_json.read_text())
+    del saved["train_config"]["oversample"]
+    run_json.write_text(json.dumps(saved))
     capsys.readouterr()
     # the same options resume fine, and the model folder says how it was trained
     assert main([*base, "--resume"]) == 0
