@@ -483,8 +483,8 @@ class VolumeTrainer:
         mine = self._identity()
         for key in ("model_config", "train_config", "data"):
             theirs = state.get(key)
-            if key == "train_config" and theirs is not None:  # checkpoints from before oversample drew uniformly
-                theirs = {"oversample": [], **theirs, "max_minutes": None}
+            if key == "train_config" and theirs is not None:  # fields added since take their defaults
+                theirs = {**json_plain(asdict(VolumeTrainConfig())), **theirs, "max_minutes": None}
             if json_plain(mine[key]) != theirs:
                 raise ValueError(f"{path}: the checkpoint's {key} differs from this run's; resume with the "
                                  f"same settings or start a new output folder")

@@ -221,3 +221,17 @@ def test_oversampled_texts_are_drawn_more_often(tmp_path, phantom_data, tiny_tex
         VolumeTrainer(phantom_data, tmp_path / "n", get_volume_preset("tiny"),
                       VolumeTrainConfig(**TINY_TRAIN, oversample=[["pleural effusion", 2]]),
                       text_encoder=str(tiny_text_encoder))
+
+
+def test_checkpoint_from_before_a_config_field_resumes(tmp_path, phantom_data, tiny_text_encoder):
+    """A checkpoint whose train_config lacks a field added since (here ``oversample``) resumes with the
+    field's default, which is what the older version did (a mismatch would raise ValueError)."""
+    preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
+    out = tmp_path / "m"
+    VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder)).run(max_steps=2)
+    state_json = out / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_json.read_text())
+    del state["train_config"]["oversample"]
+    state_json.write_text(json.dumps(state))
+    res = VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True).run()
+    assert res.finished and (res.vae_step, res.unet_step) == (6, 8)
