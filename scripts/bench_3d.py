@@ -27,7 +27,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --train-minutes 10 --threads 1 --out /tmp/bench3d
 
-float32 against bf16 training steps of the ``lean`` networks (5 alternating rounds)::
+float32 against bf16, contiguous against channels-last weights: training and sampling passes of the ``lean``
+networks (5 alternating rounds; ``--step-precisions no`` on a CPU without native bfloat16)::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_3d.py --threads 1 --preset lean --unet-batch-size 8 --step-timing 5
 
@@ -131,10 +132,15 @@ def train_child(args: argparse.Namespace) -> None:
 
 
 def step_timing(args: argparse.Namespace, rounds: int) -> dict:
-    """Seconds per training step of the preset's VAE (``--batch-size`` volumes of 32^3) and UNet
-    (``--unet-batch-size`` latents, 12 text tokens) in float32 and in bf16 autocast
-    (:func:`generator._utils.training_autocast`), forward + backward on random inputs; the two precisions
-    alternate in each of ``rounds`` rounds of 3 steps, so both see the same load. Median over rounds."""
+    """Seconds per step of the preset's networks in each precision of ``--step-precisions`` and each
+    weight layout (contiguous NCDHW, and channels-last NDHWC as :func:`generator.volumes.models.to_fast_layout`
+    puts them on a CPU): a VAE training step (``--batch-size`` volumes of 32^3), a UNet training step
+    (``--unet-batch-size`` latents, 12 text tokens), forward + backward on random inputs, and the sampling
+    side: a UNet forward pass without gradients on twice as many latents (guided: conditional and null
+    halves) and a VAE decoding of ``--unet-batch-size`` latents. The variants alternate in each of
+    ``rounds`` rounds of 3 steps, so all see the same load. Median over rounds; same initial weights."""
+    import copy
+
     import torch
 
     from generator._utils import training_autocast
@@ -142,37 +148,53 @@ def step_timing(args: argparse.Namespace, rounds: int) -> dict:
 
     torch.manual_seed(0)
     mc = get_volume_preset(args.preset)
-    vae, unet = build_vae(mc), build_unet(mc, 384)
+    nets = {"contiguous": (build_vae(mc), build_unet(mc, 384))}
+    nets["channels_last"] = tuple(copy.deepcopy(n).to(memory_format=torch.channels_last_3d)
+                                  for n in nets["contiguous"])
     x = torch.rand(args.batch_size, 1, 32, 32, 32) * 2 - 1
     z = torch.randn(args.unet_batch_size, *mc.latent_shape((32, 32, 32)))
     ctx, t = torch.randn(args.unet_batch_size, 12, 384), torch.randint(0, 1000, (args.unet_batch_size,))
+    z2, ctx2, t2 = torch.cat([z, z]), torch.cat([ctx, ctx]), torch.cat([t, t])
 
-    def vae_step(mp: str) -> None:
+    def vae_step(layout: str, mp: str) -> None:
+        vae = nets[layout][0]
         with training_autocast(mp, torch.device("cpu")):
             mu, sigma = vae.encode(x)
             rec = vae.decode(mu + sigma * torch.randn_like(mu))
         (rec.float() - x).abs().mean().backward()
 
-    def unet_step(mp: str) -> None:
+    def unet_step(layout: str, mp: str) -> None:
         with training_autocast(mp, torch.device("cpu")):
-            pred = unet(z, timesteps=t, context=ctx)
+            pred = nets[layout][1](z, timesteps=t, context=ctx)
         (pred.float() - z).pow(2).mean().backward()
 
+    @torch.no_grad()
+    def unet_sample(layout: str, mp: str) -> None:
+        with training_autocast(mp, torch.device("cpu")):
+            nets[layout][1](z2, timesteps=t2, context=ctx2)
+
+    @torch.no_grad()
+    def vae_decode(layout: str, mp: str) -> None:
+        with training_autocast(mp, torch.device("cpu")):
+            nets[layout][0].decode(z)
+
+    variants = [(layout, mp) for mp in args.step_precisions for layout in nets]
     out: dict = {"preset": args.preset, "rounds": rounds, "vae_batch": args.batch_size,
-                 "unet_batch": args.unet_batch_size}
-    for name, fn in (("vae", vae_step), ("unet", unet_step)):
-        times: dict[str, list[float]] = {"no": [], "bf16": []}
-        for mp in times:
-            fn(mp)  # warm-up
+                 "unet_batch": args.unet_batch_size, "unet_sample_batch": 2 * args.unet_batch_size}
+    for name, fn in (("vae_train", vae_step), ("unet_train", unet_step), ("unet_sample", unet_sample),
+                     ("vae_decode", vae_decode)):
+        times: dict[tuple[str, str], list[float]] = {v: [] for v in variants}
+        for v in variants:
+            fn(*v)  # warm-up
         for _ in range(rounds):
-            for mp in times:
+            for v in variants:
                 t0 = time.perf_counter()
                 for _ in range(3):
-                    fn(mp)
-                times[mp].append((time.perf_counter() - t0) / 3)
-        med = {mp: float(np.median(v)) for mp, v in times.items()}
-        out[name] = {"fp32_s": round(med["no"], 4), "bf16_s": round(med["bf16"], 4),
-                     "speedup": round(med["no"] / med["bf16"], 2)}
+                    fn(*v)
+                times[v].append((time.perf_counter() - t0) / 3)
+        med = {f"{mp}/{layout}": float(np.median(ts)) for (layout, mp), ts in times.items()}
+        base = med[f"{args.step_precisions[0]}/contiguous"]
+        out[name] = {k: {"s": round(v, 4), "speedup": round(base / v, 2)} for k, v in med.items()}
     return out
 
 
@@ -396,14 +418,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-audit", action="store_true", help="skip the memorization audit of the samples")
     p.add_argument("--skip-train", action="store_true", help="reuse OUT/model32")
     p.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
-                   help="only time float32 against bf16 VAE and UNet steps of --preset (ROUNDS alternating "
-                        "rounds), print them and exit")
+                   help="only time VAE and UNet steps of --preset (training and sampling passes) in each of "
+                        "--step-precisions and both weight layouts (ROUNDS alternating rounds), print them and exit")
+    p.add_argument("--step-precisions", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+                   default=["no", "bf16"], metavar="LIST",
+                   help="precisions for --step-timing, comma-separated: no (float32), bf16 (default: no,bf16; "
+                        "bf16 is 30x slower than float32 on a CPU without native bfloat16)")
     # internal: the training child
     p.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resolution", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    bad = [m for m in args.step_precisions if m not in ("no", "bf16")] or ([] if args.step_precisions else ["(none)"])
+    if bad:
+        p.error(f"--step-precisions: {bad[0]!r} is not one of no, bf16")
     if args.child_train:
         train_child(args)
         return 0

@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
 from generator._utils import move_entries
-from generator.volumes.models import VolumeModelConfig
+from generator.volumes.models import VolumeModelConfig, to_fast_layout
 
 __all__ = ["RADSYNTH_JSON", "VolumeModel", "save_volume_model", "load_volume_model", "read_volume_info"]
 
@@ -243,5 +243,5 @@ def load_volume_model(path: str | Path, *, text_encoder: str | Path | None = Non
     if hidden_size(enc) != int(ucfg["cross_attention_dim"]):
         raise ValueError(f"text_encoder hidden size {hidden_size(enc)} does not fit the UNet's "
                          f"cross_attention_dim {ucfg['cross_attention_dim']}")
-    return VolumeModel(vae=vae.to(device), unet=unet.to(device), scheduler=scheduler, tokenizer=tok,
+    return VolumeModel(vae=to_fast_layout(vae.to(device), device), unet=to_fast_layout(unet.to(device), device), scheduler=scheduler, tokenizer=tok,
                        text_encoder=enc.to(device), config=config, info=info)

@@ -74,6 +74,7 @@ from generator.volumes.models import (
     build_noise_scheduler,
     build_unet,
     build_vae,
+    to_fast_layout,
 )
 from generator.volumes.records import VolumeIngestResult
 
@@ -377,8 +378,8 @@ class VolumeTrainer:
         self.tokenizer, self.encoder = load_text_encoder(text_encoder)
         with torch.random.fork_rng(devices=[]):  # seeded initial weights; the global RNG is left alone
             torch.manual_seed(int(train_config.seed))
-            self.vae = build_vae(model_config)
-            self.unet = build_unet(model_config, hidden_size(self.encoder))
+            self.vae = to_fast_layout(build_vae(model_config), self.device)
+            self.unet = to_fast_layout(build_unet(model_config, hidden_size(self.encoder)), self.device)
         self.ema = unet_ema(self.unet, train_config.ema_decay)
         self._unet_names = [n for n, _ in self.unet.named_parameters()]
         self.scheduler = build_noise_scheduler(model_config)
