@@ -110,6 +110,8 @@ def train_child(args: argparse.Namespace) -> None:
     model_config = get_volume_preset(args.preset)
     if args.prediction_type:
         model_config = replace(model_config, prediction_type=args.prediction_type)
+    if args.pooled_text:
+        model_config = replace(model_config, pooled_text=True)
     stamps: dict[str, list[float]] = {"vae": [], "unet": []}
     t0 = time.monotonic()
     trainer = VolumeTrainer(data, args.model, model_config, cfg, progress=False)
@@ -209,6 +211,8 @@ def run_train(args: argparse.Namespace, resolution: int, model: Path, minutes: f
            "--prediction-type", args.prediction_type, "--mixed-precision", args.mixed_precision]
     for term, weight in args.oversample:
         cmd += ["--oversample", f"{term}={weight:g}"]
+    if args.pooled_text:
+        cmd.append("--pooled-text")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -392,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--preset", default="small", help="tiny | small | lean (generator.volumes.models)")
+    p.add_argument("--pooled-text", action="store_true",
+                   help="the preset's UNet with pooled_text=True (PooledTextUNet: the mean text state added "
+                        "to the time embedding)")
     p.add_argument("--prediction-type", default="", help="epsilon | v_prediction (default: the preset's)")
     p.add_argument("--vae-fg-weight", type=float, default=1.0,
                    help="intensity-weighted VAE L1 (VolumeTrainConfig.vae_fg_weight; 1 = plain L1)")

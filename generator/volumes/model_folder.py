@@ -36,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conditioning.text_encoder import DEFAULT_TEXT_ENCODER, hidden_size, load_text_encoder
 from generator._utils import move_entries
-from generator.volumes.models import VolumeModelConfig, to_fast_layout
+from generator.volumes.models import UNET_CLASSES, PooledTextUNet, VolumeModelConfig, to_fast_layout
 
 __all__ = ["RADSYNTH_JSON", "VolumeModel", "save_volume_model", "load_volume_model", "read_volume_info"]
 
@@ -84,16 +84,21 @@ def _save_net(net: torch.nn.Module, kwargs: Mapping[str, Any], folder: Path, cls
     (folder / "config.json").write_text(json.dumps({"_class_name": cls_name, **kwargs}, indent=2, sort_keys=True) + "\n")
 
 
-def _load_net(folder: Path, cls: type[torch.nn.Module], expected: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+def _load_net(folder: Path, classes: Mapping[str, type[torch.nn.Module]]) -> tuple[torch.nn.Module, dict[str, Any]]:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file() or not (folder / _WEIGHTS).is_file():
         raise ValueError(f"{folder}: needs config.json and {_WEIGHTS}")
     cfg = json.loads(cfg_path.read_text())
     name = cfg.pop("_class_name", None)
-    if name != expected:
-        raise ValueError(f"{cfg_path}: _class_name must be {expected!r}, got {name!r}")
-    net = cls(**cfg)
-    net.load_state_dict(load_file(str(folder / _WEIGHTS)), strict=True)
+    if name not in classes:
+        raise ValueError(f"{cfg_path}: _class_name must be one of {sorted(classes)}, got {name!r}")
+    net = classes[name](**cfg)
+    try:
+        net.load_state_dict(load_file(str(folder / _WEIGHTS)), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[:2]
+        raise ValueError(f"{folder / _WEIGHTS}: the weights do not fit the {name} of config.json "
+                         f"({' '.join(first)[:300]})") from None
     net.eval().requires_grad_(False)
     return net, cfg
 
@@ -131,7 +136,8 @@ def save_volume_model(
         card: Model card Markdown (default: a short generated one).
 
     Raises:
-        ValueError: a missing ``info`` key, or an absolute path in ``info``.
+        ValueError: a missing ``info`` key, an absolute path in ``info``, or a ``unet`` of another class
+            than ``config`` builds.
     """
     missing = [k for k in ("shape", "spacing", "intensity", "modality", "scaling_factor") if k not in info]
     if missing:
@@ -146,7 +152,11 @@ def save_volume_model(
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=output))
     try:
         _save_net(vae, vae_kwargs(config), tmp / "vae", "AutoencoderKL")
-        _save_net(unet, unet_kwargs(config, _cross_dim(unet)), tmp / "unet", "DiffusionModelUNet")
+        unet_class = next((n for n, c in UNET_CLASSES.items() if type(unet) is c), None)
+        if unet_class is None or (unet_class == "PooledTextUNet") != config.pooled_text:
+            raise ValueError(f"unet must be a {'PooledTextUNet' if config.pooled_text else 'DiffusionModelUNet'} "
+                             f"(config.pooled_text={config.pooled_text}), got {type(unet).__name__}")
+        _save_net(unet, unet_kwargs(config, _cross_dim(unet)), tmp / "unet", unet_class)
         scheduler.save_pretrained(str(tmp / "scheduler"))
         if text_encoder is None or str(text_encoder) == DEFAULT_TEXT_ENCODER:
             te_info: dict[str, Any] = {"packaged": DEFAULT_TEXT_ENCODER}
@@ -224,8 +234,11 @@ def load_volume_model(path: str | Path, *, text_encoder: str | Path | None = Non
     path = Path(path)
     info = read_volume_info(path)
     config = VolumeModelConfig.from_dict(info["config"])
-    vae, _ = _load_net(path / "vae", AutoencoderKL, "AutoencoderKL")
-    unet, ucfg = _load_net(path / "unet", DiffusionModelUNet, "DiffusionModelUNet")
+    vae, _ = _load_net(path / "vae", {"AutoencoderKL": AutoencoderKL})
+    unet, ucfg = _load_net(path / "unet", UNET_CLASSES)
+    if isinstance(unet, PooledTextUNet) != config.pooled_text:
+        raise ValueError(f"{path / 'unet' / 'config.json'}: a {type(unet).__name__}, but {RADSYNTH_JSON} has "
+                         f"pooled_text={config.pooled_text}")
     scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
     if text_encoder is not None:
         tok, enc = load_text_encoder(text_encoder)

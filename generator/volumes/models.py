@@ -17,6 +17,7 @@ from typing import Any, Mapping, TypeVar
 import torch
 from diffusers import DDPMScheduler
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from torch import nn
 
 from generator._utils import look_up_option
 
@@ -30,6 +31,8 @@ __all__ = [
     "vae_kwargs",
     "unet_kwargs",
     "to_fast_layout",
+    "PooledTextUNet",
+    "UNET_CLASSES",
 ]
 
 _Net = TypeVar("_Net", bound=torch.nn.Module)
@@ -54,6 +57,9 @@ class VolumeModelConfig:
         beta_start: First beta.
         beta_end: Last beta.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        pooled_text: Also give the UNet the prompt as one vector: a learned projection of the mean of
+            its text states added to the time embedding (:class:`PooledTextUNet`), so every residual
+            block sees the prompt, not only the attention levels.
 
     Raises:
         ValueError: on construction, for inconsistent values (naming the field).
@@ -73,6 +79,7 @@ class VolumeModelConfig:
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     prediction_type: str = "epsilon"
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vae_channels", tuple(int(c) for c in self.vae_channels))
@@ -188,9 +195,57 @@ def build_vae(config: VolumeModelConfig) -> AutoencoderKL:
     return AutoencoderKL(**vae_kwargs(config))
 
 
+class PooledTextUNet(DiffusionModelUNet):
+    """MONAI's ``DiffusionModelUNet`` that also adds a projection of the prompt's mean text state to its
+    time embedding: a global path for the prompt beside cross-attention (as SDXL adds a pooled text
+    embedding), reaching every residual block of every level, where cross-attention is only at the
+    attention levels (the lowest one in ``lean``).
+
+    Same constructor arguments and ``forward(x, timesteps, context)`` as ``DiffusionModelUNet``;
+    ``context`` ``(B, L, cross_attention_dim)`` is required and its mean over the ``L`` positions (padding
+    included: a fixed function of the prompt) goes through ``class_embedding``, a ``Linear(cross_attention_dim,
+    time_embed_dim)`` initialised to zero, so an untrained projection leaves the plain UNet. It uses
+    MONAI's class-conditioning hook (``num_class_embeds`` set: ``forward`` adds
+    ``class_embedding(class_labels)`` to the time embedding) with the pooled states as ``class_labels``.
+
+    Raises:
+        ValueError: built without ``with_conditioning`` / ``cross_attention_dim``, or ``forward``
+            without ``context`` or with ``class_labels``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        if not kwargs.get("with_conditioning") or not kwargs.get("cross_attention_dim"):
+            raise ValueError("PooledTextUNet needs with_conditioning=True and a cross_attention_dim, got "
+                             f"{kwargs.get('with_conditioning')!r}, {kwargs.get('cross_attention_dim')!r}")
+        if kwargs.get("num_class_embeds") is not None:
+            raise ValueError(f"PooledTextUNet uses the class embedding itself; num_class_embeds must be None, "
+                             f"got {kwargs['num_class_embeds']!r}")
+        super().__init__(**kwargs)
+        dim = int(kwargs["cross_attention_dim"])
+        self.num_class_embeds = dim  # turns on MONAI's "emb + class_embedding(class_labels)"
+        self.class_embedding = nn.Linear(dim, self.time_embed[-1].out_features)
+        nn.init.zeros_(self.class_embedding.weight)
+        nn.init.zeros_(self.class_embedding.bias)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if context is None:
+            raise ValueError("PooledTextUNet needs context (B, L, cross_attention_dim) text states")
+        if class_labels is not None:
+            raise ValueError("PooledTextUNet takes no class_labels: the pooled text states take their place")
+        return super().forward(x, timesteps, context=context, class_labels=context.mean(dim=1), **kwargs)
+
+
+#: UNet classes a volume model folder may name in ``unet/config.json`` (``_class_name``).
+UNET_CLASSES: dict[str, type[DiffusionModelUNet]] = {"DiffusionModelUNet": DiffusionModelUNet,
+                                                     "PooledTextUNet": PooledTextUNet}
+
+
 def build_unet(config: VolumeModelConfig, cross_attention_dim: int) -> DiffusionModelUNet:
-    """A fresh 3D ``DiffusionModelUNet`` cross-attending to ``(B, L, cross_attention_dim)`` text states."""
-    return DiffusionModelUNet(**unet_kwargs(config, cross_attention_dim))
+    """A fresh 3D ``DiffusionModelUNet`` cross-attending to ``(B, L, cross_attention_dim)`` text states
+    (a :class:`PooledTextUNet` when ``config.pooled_text``)."""
+    cls = PooledTextUNet if config.pooled_text else DiffusionModelUNet
+    return cls(**unet_kwargs(config, cross_attention_dim))
 
 
 def build_noise_scheduler(config: VolumeModelConfig) -> DDPMScheduler:
