@@ -256,5 +256,6 @@ def load_volume_model(path: str | Path, *, text_encoder: str | Path | None = Non
     if hidden_size(enc) != int(ucfg["cross_attention_dim"]):
         raise ValueError(f"text_encoder hidden size {hidden_size(enc)} does not fit the UNet's "
                          f"cross_attention_dim {ucfg['cross_attention_dim']}")
-    return VolumeModel(vae=to_fast_layout(vae.to(device), device), unet=to_fast_layout(unet.to(device), device), scheduler=scheduler, tokenizer=tok,
-                       text_encoder=enc.to(device), config=config, info=info)
+    vae, unet = to_fast_layout(vae.to(device), device), to_fast_layout(unet.to(device), device)
+    return VolumeModel(vae=vae, unet=unet, scheduler=scheduler, tokenizer=tok, text_encoder=enc.to(device),
+                       config=config, info=info)

@@ -35,7 +35,7 @@ __all__ = [
     "UNET_CLASSES",
 ]
 
-_Net = TypeVar("_Net", bound=torch.nn.Module)
+_Net = TypeVar("_Net", bound=nn.Module)
 
 
 @dataclass(frozen=True)
