@@ -482,10 +482,13 @@ class VolumeTrainer:
             raise ValueError(f"{path}: a checkpoint of kind {state.get('kind')!r}, not a volume model's "
                              f"({CHECKPOINT_KIND!r})")
         mine = self._identity()
+        defaults = {"model_config": VolumeModelConfig().to_dict(), "train_config": asdict(VolumeTrainConfig())}
         for key in ("model_config", "train_config", "data"):
             theirs = state.get(key)
-            if key == "train_config" and theirs is not None:  # fields added since take their defaults
-                theirs = {**json_plain(asdict(VolumeTrainConfig())), **theirs, "max_minutes": None}
+            if key in defaults and isinstance(theirs, dict):  # fields added since take their defaults
+                theirs = {**json_plain(defaults[key]), **theirs}
+                if key == "train_config":
+                    theirs["max_minutes"] = None  # the time budget may change on resume
             if json_plain(mine[key]) != theirs:
                 raise ValueError(f"{path}: the checkpoint's {key} differs from this run's; resume with the "
                                  f"same settings or start a new output folder")

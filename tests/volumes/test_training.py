@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -233,5 +234,22 @@ def test_checkpoint_from_before_a_config_field_resumes(tmp_path, phantom_data, t
     state = json.loads(state_json.read_text())
     del state["train_config"]["oversample"]
     state_json.write_text(json.dumps(state))
+    res = VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True).run()
+    assert res.finished and (res.vae_step, res.unet_step) == (6, 8)
+
+
+def test_checkpoint_from_before_a_model_config_field_resumes(tmp_path, phantom_data, tiny_text_encoder):
+    """A checkpoint whose model_config lacks a field added since (here ``pooled_text``) resumes with the
+    field's default; a checkpoint whose model_config differs in a known field is still refused."""
+    preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
+    out = tmp_path / "m"
+    VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder)).run(max_steps=2)
+    state_json = out / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_json.read_text())
+    del state["model_config"]["pooled_text"]
+    state_json.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="model_config differs"):
+        VolumeTrainer(phantom_data, out, replace(preset, pooled_text=True), cfg,
+                      text_encoder=str(tiny_text_encoder), resume=True)
     res = VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True).run()
     assert res.finished and (res.vae_step, res.unet_step) == (6, 8)
