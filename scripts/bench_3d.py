@@ -133,6 +133,15 @@ def train_child(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
+def _precisions(value: str) -> list[str]:
+    """``--step-precisions``: a comma-separated list of ``no`` / ``bf16``."""
+    modes = [m.strip() for m in value.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("no", "bf16")]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"{(bad or [value])[0]!r} is not one of no, bf16")
+    return modes
+
+
 def step_timing(args: argparse.Namespace, rounds: int) -> dict:
     """Seconds per step of the preset's networks in each precision of ``--step-precisions`` and each
     weight layout (contiguous NCDHW, and channels-last NDHWC as :func:`generator.volumes.models.to_fast_layout`
@@ -146,13 +155,12 @@ def step_timing(args: argparse.Namespace, rounds: int) -> dict:
     import torch
 
     from generator._utils import training_autocast
-    from generator.volumes.models import build_unet, build_vae, get_volume_preset
+    from generator.volumes.models import build_unet, build_vae, get_volume_preset, to_fast_layout
 
     torch.manual_seed(0)
     mc = get_volume_preset(args.preset)
     nets = {"contiguous": (build_vae(mc), build_unet(mc, 384))}
-    nets["channels_last"] = tuple(copy.deepcopy(n).to(memory_format=torch.channels_last_3d)
-                                  for n in nets["contiguous"])
+    nets["channels_last"] = tuple(to_fast_layout(copy.deepcopy(n), "cpu") for n in nets["contiguous"])
     x = torch.rand(args.batch_size, 1, 32, 32, 32) * 2 - 1
     z = torch.randn(args.unet_batch_size, *mc.latent_shape((32, 32, 32)))
     ctx, t = torch.randn(args.unet_batch_size, 12, 384), torch.randint(0, 1000, (args.unet_batch_size,))
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-timing", type=int, default=0, metavar="ROUNDS",
                    help="only time VAE and UNet steps of --preset (training and sampling passes) in each of "
                         "--step-precisions and both weight layouts (ROUNDS alternating rounds), print them and exit")
-    p.add_argument("--step-precisions", type=lambda v: [m.strip() for m in v.split(",") if m.strip()],
+    p.add_argument("--step-precisions", type=_precisions,
                    default=["no", "bf16"], metavar="LIST",
                    help="precisions for --step-timing, comma-separated: no (float32), bf16 (default: no,bf16; "
                         "bf16 is 30x slower than float32 on a CPU without native bfloat16)")
@@ -437,9 +445,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    bad = [m for m in args.step_precisions if m not in ("no", "bf16")] or ([] if args.step_precisions else ["(none)"])
-    if bad:
-        p.error(f"--step-precisions: {bad[0]!r} is not one of no, bf16")
     if args.child_train:
         train_child(args)
         return 0

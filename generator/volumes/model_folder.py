@@ -152,10 +152,10 @@ def save_volume_model(
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=output))
     try:
         _save_net(vae, vae_kwargs(config), tmp / "vae", "AutoencoderKL")
-        unet_class = next((n for n, c in UNET_CLASSES.items() if type(unet) is c), None)
-        if unet_class is None or (unet_class == "PooledTextUNet") != config.pooled_text:
-            raise ValueError(f"unet must be a {'PooledTextUNet' if config.pooled_text else 'DiffusionModelUNet'} "
-                             f"(config.pooled_text={config.pooled_text}), got {type(unet).__name__}")
+        unet_class = "PooledTextUNet" if config.pooled_text else "DiffusionModelUNet"
+        if type(unet) is not UNET_CLASSES[unet_class]:
+            raise ValueError(f"unet must be a {unet_class} (config.pooled_text={config.pooled_text}), "
+                             f"got {type(unet).__name__}")
         _save_net(unet, unet_kwargs(config, _cross_dim(unet)), tmp / "unet", unet_class)
         scheduler.save_pretrained(str(tmp / "scheduler"))
         if text_encoder is None or str(text_encoder) == DEFAULT_TEXT_ENCODER:
