@@ -8,11 +8,13 @@ whether each image shows what the prompt asked for, *on the asked side*. Columns
   (:func:`~generator.phantoms.measure.matches_prompt`, side included);
 - phantoms: the same measurement on rendered phantoms with the same attributes (what it finds on the
   training distribution: the measurement's own ceiling);
+- VAE round trip: the same phantoms encoded and decoded by the model's VAE alone (the ceiling of a
+  perfect denoiser with that VAE: a small nodule the VAE blurs away no prompt can bring back);
 - normal-prompt base rate: the same decision on the model's samples for the *normal* prompt (same
   people, same seeds): how often the finding appears when it was not asked for;
 - side swapped (samples): share of samples whose finding is measured on the other side only
   (:func:`~generator.phantoms.measure.side_swapped`; prompts with a side or lobe);
-- size error (samples / phantoms): for nodule prompts with a size, the mean absolute error in mm of
+- size error (samples / VAE round trip / phantoms): for nodule prompts with a size, the mean absolute error in mm of
   the measured diameter against the asked ``size_mm`` (px to mm through the measured thorax width and
   ``THORAX_WIDTH_MM``); for effusion prompts with a grade, the share whose measured grade
   (small / moderate / large from the costophrenic-angle rise) differs from the asked one. Both only
@@ -110,6 +112,9 @@ PARAPHRASES: list[tuple[str, list[dict[str, Any]], str]] = [
 #: ``base_seed + i``. The model sees only the texts; ``attributes`` (what each text was written from)
 #: lets a test stand in for the model.
 SampleFn = Callable[[list[str], list[dict[str, Any]], int], np.ndarray]
+#: ``round_trip(images) -> images``: float ``(N, H, W)`` in [0, 1] through the model's VAE (encode, decode)
+#: and back, same shape and range.
+RoundTripFn = Callable[[np.ndarray], np.ndarray]
 
 
 def _people(n: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -143,7 +148,10 @@ def _size_errors(kind: str | None, ms: Sequence[Measurement], attrs: Sequence[di
     return []
 
 
-def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 1000) -> dict[str, Any]:
+def evaluate(
+    sample: SampleFn, resolution: int, num_images: int, seed: int = 1000,
+    round_trip: RoundTripFn | None = None,
+) -> dict[str, Any]:
     """Sample every prompt of :data:`CONDITIONS` and :data:`PARAPHRASES` and measure the images.
 
     Args:
@@ -152,6 +160,8 @@ def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 100
         num_images: Images per prompt (the same ``num_images`` people, random sex and age, for every
             prompt, so that each row pairs up with the normal prompt's samples).
         seed: Base seed of the people and of the sampling seeds.
+        round_trip: The model's autoencoder alone (see :data:`RoundTripFn`); when given, every row
+            also measures the phantoms after it: what a perfect denoiser could reach with that VAE.
 
     Returns:
         ``{"rows": [...], "phantom_nodule_mm": {size_mm: [measured diameters]}}``; each row has
@@ -159,7 +169,9 @@ def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 100
         ``side_swapped`` (share of samples, ``None`` for prompts without a side), ``size_error_kind``
         (``"nodule_mae_mm"``, ``"effusion_grade_mismatch"`` or ``None``), ``size_error_samples``,
         ``size_error_phantoms`` (``None`` where not defined or no image showed the finding),
-        ``size_error_n`` (images those two means are over: samples, phantoms) and ``n``.
+        ``size_error_n`` (images those two means are over: samples, phantoms) and ``n``; with
+        ``round_trip``, also ``vae_round_trip`` (share of round-tripped phantoms showing it) and
+        ``size_error_vae_round_trip`` (``None`` without it).
 
     Raises:
         ValueError: ``num_images`` < 1 or ``resolution`` < 32.
@@ -183,7 +195,9 @@ def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 100
         attrs = [{"view": "PA", **pp, "findings": findings} for pp in people]
         texts = texts if texts is not None else [build_prompt(a) for a in attrs]
         ms = [measure(im) for im in sample(texts, attrs, base_seed)]
-        ph_ms = [measure(render_phantom(a, size=resolution, seed=50_000 + i).image) for i, a in enumerate(attrs)]
+        phantoms = np.stack([render_phantom(a, size=resolution, seed=50_000 + i).image for i, a in enumerate(attrs)])
+        ph_ms = [measure(im) for im in phantoms]
+        rt_ms = [measure(im) for im in round_trip(phantoms)] if round_trip is not None else None
         if name == "normal":
             normal_ms = ms
         kind = _size_kind(findings)
@@ -202,6 +216,9 @@ def evaluate(sample: SampleFn, resolution: int, num_images: int, seed: int = 100
             "size_error_samples": _mean(err_samples),
             "size_error_phantoms": _mean(err_phantoms),
             "size_error_n": [sum(e is not None for e in err_samples), sum(e is not None for e in err_phantoms)],
+            "vae_round_trip": (None if rt_ms is None
+                               else float(np.mean([prompt_shown(m, a) for m, a in zip(rt_ms, attrs)]))),
+            "size_error_vae_round_trip": None if rt_ms is None else _mean(_size_errors(kind, rt_ms, attrs)),
         })
         for mm, row_name in SIZE_ROWS.items():
             if name == row_name:
@@ -215,18 +232,19 @@ def _fmt(v: float | None, digits: int = 2) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """The markdown table of :func:`evaluate`'s result, with a note on the size columns."""
-    lines = ["| prompt | samples showing it | phantoms | normal-prompt base rate | side swapped (samples) "
-             "| size error (samples / phantoms) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| prompt | samples showing it | VAE round trip | phantoms | normal-prompt base rate "
+             "| side swapped (samples) | size error (samples / VAE round trip / phantoms) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         kind = r["size_error_kind"]
+        errors = (r["size_error_samples"], r.get("size_error_vae_round_trip"), r["size_error_phantoms"])
         if kind == "nodule_mae_mm":
-            size = f"{_fmt(r['size_error_samples'], 1)} / {_fmt(r['size_error_phantoms'], 1)} mm"
+            size = " / ".join(_fmt(e, 1) for e in errors) + " mm"
         elif kind == "effusion_grade_mismatch":
-            size = f"{_fmt(r['size_error_samples'])} / {_fmt(r['size_error_phantoms'])} grade"
+            size = " / ".join(_fmt(e) for e in errors) + " grade"
         else:
             size = "–"
-        lines.append(f"| {r['prompt']} | {_fmt(r['model'])} | {_fmt(r['phantoms'])} | "
+        lines.append(f"| {r['prompt']} | {_fmt(r['model'])} | {_fmt(r.get('vae_round_trip'))} | {_fmt(r['phantoms'])} | "
                      f"{_fmt(r['normal_prompt_base_rate'])} | {_fmt(r['side_swapped'])} | {size} |")
     spread = []
     for mm, vals in sorted(result.get("phantom_nodule_mm", {}).items()):
@@ -238,7 +256,8 @@ def format_table(result: dict[str, Any]) -> str:
         "Size error: nodule rows, mean absolute error in mm of the measured diameter (blob scale; px to mm with "
         f"the measured thorax width taken as {THORAX_WIDTH_MM:.0f} mm); effusion rows, share whose measured grade "
         "(small/moderate/large) differs from the asked one. Both over the images that show the finding on the "
-        "asked side; the phantom value is the measurement's own error.",
+        "asked side; the phantom value is the measurement's own error. VAE round trip: the same phantoms "
+        "encoded and decoded by the model's VAE alone (what a perfect denoiser could reach with it).",
     ]
     if spread:
         lines.append("Measured diameters of the phantom nodules (mean ± SD, range): " + "; ".join(spread)
@@ -273,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 1:
         p.error(f"--num-images must be >= 1, got {args.num_images}")
 
+    import torch
+
     from generator.models.model_folder import load_pipeline  # torch/diffusers: only when sampling
 
     pipe, info = load_pipeline(args.model or bundled_model_path(), device=args.device)
@@ -293,7 +314,15 @@ def main(argv: list[str] | None = None) -> int:
                             guidance_rescale=args.guidance_rescale).images)
         return np.concatenate(out)
 
-    result = evaluate(sample, info.resolution, args.num_images, args.seed)
+    def round_trip(images: np.ndarray) -> np.ndarray:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(images), 16):
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + 16], dtype=np.float32))[:, None]
+                out.append(pipe.decode_latents(pipe.encode_images(x))[:, 0].float().cpu().numpy())
+        return np.concatenate(out)
+
+    result = evaluate(sample, info.resolution, args.num_images, args.seed, round_trip=round_trip)
     print(f"\nmodel {info.path} ({info.model_hash}), {args.num_images} images per prompt, "
           f"{args.sampler} {args.steps} steps, guidance {args.guidance_scale} (rescale {args.guidance_rescale}, negative "
           f"{args.negative}), "

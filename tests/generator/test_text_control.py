@@ -168,11 +168,35 @@ def test_evaluate_reports_side_swaps_and_size_errors():
     paraphrase = good["paraphrase: lung nodule in the left lower lobe"]
     assert paraphrase["size_error_kind"] is None
     assert paraphrase["example_text"].startswith("PA chest x-ray, lung nodule")
+    assert paraphrase["vae_round_trip"] is None and paraphrase["size_error_vae_round_trip"] is None
     table = ev.format_table(result)
-    assert ("| prompt | samples showing it | phantoms | normal-prompt base rate | side swapped (samples) "
-            "| size error (samples / phantoms) |") in table
-    assert "| left pleural effusion | 0.00 | 1.00 | 0.00 | 1.00 |" in table
+    assert ("| prompt | samples showing it | VAE round trip | phantoms | normal-prompt base rate "
+            "| side swapped (samples) | size error (samples / VAE round trip / phantoms) |") in table
+    assert "| left pleural effusion | 0.00 | – | 1.00 | 0.00 | 1.00 |" in table
     assert " mm |" in table and " grade |" in table and "14 mm: " in table
+
+
+def test_evaluate_measures_the_phantoms_through_the_round_trip():
+    """The VAE round-trip column measures what the round trip returns: identity keeps every finding, a
+    mirror puts every sided one on the other side, and a blur erases small nodules and widens large ones."""
+    ev = _script()
+    ident = {r["prompt"]: r for r in ev.evaluate(_phantom_model(False), 64, 3, seed=5, round_trip=lambda x: x)["rows"]}
+    mirror = {r["prompt"]: r for r in ev.evaluate(_phantom_model(False), 64, 3, seed=5,
+                                                  round_trip=lambda x: x[:, :, ::-1])["rows"]}
+    for name, row in ident.items():
+        assert row["vae_round_trip"] == row["phantoms"], name
+        assert row["size_error_vae_round_trip"] == row["size_error_phantoms"], name
+    assert mirror["left pleural effusion"]["vae_round_trip"] == 0.0
+    assert mirror["left pleural effusion"]["model"] == 1.0  # the samples themselves are not touched
+    from scipy.ndimage import gaussian_filter
+
+    blurred = {r["prompt"]: r for r in ev.evaluate(
+        _phantom_model(False), 64, 3, seed=5, round_trip=lambda x: gaussian_filter(x, (0, 0.8, 0.8)))["rows"]}
+    small, large = blurred["nodule, right upper lobe, 14 mm"], blurred["nodule, right upper lobe, 30 mm"]
+    assert small["phantoms"] == 1.0 and small["vae_round_trip"] == 0.0 and small["size_error_vae_round_trip"] is None
+    assert large["vae_round_trip"] == 1.0 and large["size_error_vae_round_trip"] > large["size_error_phantoms"] + 0.5
+    table = ev.format_table({"rows": list(ident.values())})
+    assert "| left pleural effusion | 1.00 | 1.00 | 1.00 | 0.00 | 0.00 | 0.00 / 0.00 / 0.00 grade |" in table
 
 
 def test_script_rejects_bad_arguments():
