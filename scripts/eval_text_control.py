@@ -244,8 +244,9 @@ def format_table(result: dict[str, Any]) -> str:
             size = " / ".join(_fmt(e) for e in errors) + " grade"
         else:
             size = "–"
-        lines.append(f"| {r['prompt']} | {_fmt(r['model'])} | {_fmt(r.get('vae_round_trip'))} | {_fmt(r['phantoms'])} | "
-                     f"{_fmt(r['normal_prompt_base_rate'])} | {_fmt(r['side_swapped'])} | {size} |")
+        lines.append(f"| {r['prompt']} | {_fmt(r['model'])} | {_fmt(r.get('vae_round_trip'))} | "
+                     f"{_fmt(r['phantoms'])} | {_fmt(r['normal_prompt_base_rate'])} | {_fmt(r['side_swapped'])} "
+                     f"| {size} |")
     spread = []
     for mm, vals in sorted(result.get("phantom_nodule_mm", {}).items()):
         if vals:
