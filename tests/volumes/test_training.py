@@ -224,16 +224,22 @@ def test_oversampled_texts_are_drawn_more_often(tmp_path, phantom_data, tiny_tex
                       text_encoder=str(tiny_text_encoder))
 
 
+def _checkpoint_lacking(out, data, preset, cfg, encoder, section: str, field: str) -> None:
+    """Train 2 steps into ``out``, then delete ``field`` from the checkpoint's ``section`` of state.json:
+    a checkpoint written before that field existed."""
+    VolumeTrainer(data, out, preset, cfg, text_encoder=str(encoder)).run(max_steps=2)
+    state_json = out / "checkpoints" / "latest" / "state.json"
+    state = json.loads(state_json.read_text())
+    del state[section][field]
+    state_json.write_text(json.dumps(state))
+
+
 def test_checkpoint_from_before_a_config_field_resumes(tmp_path, phantom_data, tiny_text_encoder):
     """A checkpoint whose train_config lacks a field added since (here ``oversample``) resumes with the
     field's default, which is what the older version did (a mismatch would raise ValueError)."""
     preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
     out = tmp_path / "m"
-    VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder)).run(max_steps=2)
-    state_json = out / "checkpoints" / "latest" / "state.json"
-    state = json.loads(state_json.read_text())
-    del state["train_config"]["oversample"]
-    state_json.write_text(json.dumps(state))
+    _checkpoint_lacking(out, phantom_data, preset, cfg, tiny_text_encoder, "train_config", "oversample")
     res = VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder), resume=True).run()
     assert res.finished and (res.vae_step, res.unet_step) == (6, 8)
 
@@ -243,11 +249,7 @@ def test_checkpoint_from_before_a_model_config_field_resumes(tmp_path, phantom_d
     field's default; a checkpoint whose model_config differs in a known field is still refused."""
     preset, cfg = get_volume_preset("tiny"), VolumeTrainConfig(**TINY_TRAIN)
     out = tmp_path / "m"
-    VolumeTrainer(phantom_data, out, preset, cfg, text_encoder=str(tiny_text_encoder)).run(max_steps=2)
-    state_json = out / "checkpoints" / "latest" / "state.json"
-    state = json.loads(state_json.read_text())
-    del state["model_config"]["pooled_text"]
-    state_json.write_text(json.dumps(state))
+    _checkpoint_lacking(out, phantom_data, preset, cfg, tiny_text_encoder, "model_config", "pooled_text")
     with pytest.raises(ValueError, match="model_config differs"):
         VolumeTrainer(phantom_data, out, replace(preset, pooled_text=True), cfg,
                       text_encoder=str(tiny_text_encoder), resume=True)
